@@ -1,0 +1,83 @@
+"""All DIALS / dxtbx / cctbx glue that depends on how they were installed.
+
+Everything version- or packaging-specific lives here, so the rest of the
+package can import DIALS as if it were a complete conda-forge build.
+
+Quirks handled:
+
+* **LIBTBX_BUILD.** In a venv made from Debian's ``/usr/bin/python3`` with
+  ``--system-site-packages``, libtbx looks for ``<venv>/lib/cctbx/python3.11``
+  and fails with ``FileNotFoundError``. Pointing ``LIBTBX_BUILD`` at Debian's
+  build directory fixes it; it must be set before libtbx is first imported.
+* **xfel_mono_sim_ext.** Debian's cctbx lacks this extension. Stills indexing
+  (``dials.algorithms.indexing.nave_parameters``) imports
+  ``xfel.mono_simulation.max_like``, whose package ``__init__`` imports the
+  missing extension; the ImportError is swallowed per candidate lattice and
+  every still ends as "No suitable indexing solution found". ``max_like.py``
+  and ``util.py`` are pure Python, so we register the package without running
+  its ``__init__``. On a cctbx that has the extension this does nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+
+_DEBIAN_LIBTBX_BUILD = "/usr/lib/cctbx/python{}.{}".format(*sys.version_info[:2])
+
+
+def prepare_environment() -> None:
+    """Set LIBTBX_BUILD when needed and install the mono_simulation shim."""
+    if not os.environ.get("LIBTBX_BUILD") and os.path.isdir(_DEBIAN_LIBTBX_BUILD):
+        # only needed when running from a venv; harmless for /usr/bin/python3
+        if sys.prefix != sys.base_prefix:
+            os.environ["LIBTBX_BUILD"] = _DEBIAN_LIBTBX_BUILD
+    install_mono_simulation_shim()
+
+
+def has_mono_sim_extension() -> bool:
+    return importlib.util.find_spec("xfel_mono_sim_ext") is not None
+
+
+def install_mono_simulation_shim() -> bool:
+    """Make ``xfel.mono_simulation.max_like`` importable without the extension.
+
+    Returns True if the shim was installed, False if it was not needed (the
+    extension exists, the package is already imported, or xfel is absent).
+    """
+    if has_mono_sim_extension() or "xfel.mono_simulation" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("xfel")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    for location in spec.submodule_search_locations:
+        pkg_dir = os.path.join(location, "mono_simulation")
+        if os.path.isfile(os.path.join(pkg_dir, "max_like.py")):
+            break
+    else:
+        return False
+    package = types.ModuleType("xfel.mono_simulation")
+    package.__path__ = [pkg_dir]
+    package.__package__ = "xfel.mono_simulation"
+    package.__file__ = os.path.join(pkg_dir, "__init__.py")
+    package.__diffuse_shim__ = True
+    sys.modules["xfel.mono_simulation"] = package
+    return True
+
+
+def uninstall_mono_simulation_shim() -> None:
+    """Remove the shim (for tests that show indexing fails without it)."""
+    package = sys.modules.get("xfel.mono_simulation")
+    if package is None or not getattr(package, "__diffuse_shim__", False):
+        return
+    for name in list(sys.modules):
+        if name == "xfel.mono_simulation" or name.startswith("xfel.mono_simulation."):
+            del sys.modules[name]
+
+
+def dials_version() -> str:
+    from dials.util.version import dials_version as _dials_version
+
+    return _dials_version()

@@ -1,0 +1,142 @@
+"""Per-pixel diffraction geometry in the DIALS convention, as numpy arrays.
+
+Conventions (see docs/conventions.md):
+
+* lab frame: dxtbx's; the beam travels along ``s0``; ``|s0| = 1/lambda``.
+* ``s1`` is the scattered wave vector towards the pixel centre, ``|s1| = 1/lambda``.
+* ``q = s1 - s0`` so that ``|q| = 1/d`` (Å⁻¹), with no factor 2π.
+* fractional Miller indices of a still: ``hkl = A⁻¹ q`` with ``A = U B`` from
+  ``crystal.get_A()``; for a rotation frame ``hkl = (R(φ) A(φ))⁻¹ q``.
+* pixel centres are at ``index + 0.5`` in dxtbx pixel coordinates and are taken
+  to millimetres with ``Panel.pixel_to_millimeter`` (which applies parallax
+  when the panel has a parallax-corrected strategy) before ``get_lab_coord``.
+* χ (azimuth) = ``atan2(s1·y, s1·x)`` in the DIALS lab frame, in degrees, in
+  (−180, 180]. pyFAI's chi is mirrored with respect to this.
+
+Arrays for a panel have shape ``(n_slow, n_fast)`` or ``(n_slow, n_fast, 3)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import diffuse_cli  # noqa: F401  (DIALS environment)
+from scitbx.array_family import flex
+
+
+def pixel_centres_px(panel) -> np.ndarray:
+    """Pixel-centre coordinates (fast, slow) in pixels, shape (n_slow, n_fast, 2)."""
+    n_fast, n_slow = panel.get_image_size()
+    fast, slow = np.meshgrid(
+        np.arange(n_fast, dtype=np.float64) + 0.5,
+        np.arange(n_slow, dtype=np.float64) + 0.5,
+    )
+    return np.stack([fast, slow], axis=-1)
+
+
+def pixel_lab_coordinates(panel) -> np.ndarray:
+    """Lab coordinates (mm) of every pixel centre, shape (n_slow, n_fast, 3).
+
+    Goes pixel -> mm through ``pixel_to_millimeter`` (parallax included when
+    the panel has it), then mm -> lab with ``get_lab_coord``.
+    """
+    n_fast, n_slow = panel.get_image_size()
+    px = pixel_centres_px(panel).reshape(-1, 2)
+    mm = panel.pixel_to_millimeter(flex.vec2_double(flex.double(px[:, 0].copy()), flex.double(px[:, 1].copy())))
+    lab = panel.get_lab_coord(mm).as_numpy_array()
+    return lab.reshape(n_slow, n_fast, 3)
+
+
+def s1_from_lab(lab_mm: np.ndarray, wavelength: float) -> np.ndarray:
+    """Scattered wave vectors (Å⁻¹) for lab positions (mm) seen from the sample."""
+    norm = np.linalg.norm(lab_mm, axis=-1, keepdims=True)
+    return lab_mm / (norm * wavelength)
+
+
+def q_from_s1(s1: np.ndarray, s0) -> np.ndarray:
+    """Scattering vector q = s1 − s0 (Å⁻¹), |q| = 1/d."""
+    return s1 - np.asarray(s0, dtype=np.float64)
+
+
+def hkl_from_q(q: np.ndarray, A) -> np.ndarray:
+    """Fractional Miller indices ``A⁻¹ q`` for q of shape (..., 3).
+
+    ``A`` is the 3×3 setting matrix (``crystal.get_A()``, tuple of 9 or array),
+    possibly already multiplied by the goniometer rotation for rotation data.
+    """
+    A = np.asarray(A, dtype=np.float64).reshape(3, 3)
+    A_inv = np.linalg.inv(A)
+    return q @ A_inv.T
+
+
+def two_theta(s1: np.ndarray, s0) -> np.ndarray:
+    """Scattering angle 2θ (radians) between s0 and s1."""
+    s0 = np.asarray(s0, dtype=np.float64)
+    cos2t = (s1 @ s0) / (np.linalg.norm(s1, axis=-1) * np.linalg.norm(s0))
+    return np.arccos(np.clip(cos2t, -1.0, 1.0))
+
+
+def chi_degrees(s1: np.ndarray) -> np.ndarray:
+    """Azimuth χ = atan2(s1_y, s1_x) in the DIALS lab frame, degrees in (−180, 180]."""
+    return np.degrees(np.arctan2(s1[..., 1], s1[..., 0]))
+
+
+def setting_matrix(crystal, goniometer=None, scan=None, frame: int | None = None) -> np.ndarray:
+    """The matrix M with q = M hkl for a pixel on a given image.
+
+    Stills: ``M = A``. Rotation data: ``M = S R(φ) F A(φ)`` where S is the
+    goniometer setting rotation, R the rotation about the spindle by the angle
+    at the centre of the frame (array index ``frame`` within the scan), F the
+    fixed rotation, and A(φ) the scan-varying setting matrix when available.
+    """
+    if goniometer is None or scan is None or frame is None:
+        return np.array(crystal.get_A(), dtype=np.float64).reshape(3, 3)
+    from scitbx import matrix
+
+    if crystal.num_scan_points > 0:
+        # scan points sit at frame boundaries; average the two around the centre
+        i = min(frame, crystal.num_scan_points - 2)
+        A = (
+            np.array(crystal.get_A_at_scan_point(i)) + np.array(crystal.get_A_at_scan_point(i + 1))
+        ).reshape(3, 3) / 2.0
+    else:
+        A = np.array(crystal.get_A(), dtype=np.float64).reshape(3, 3)
+    phi = scan.get_angle_from_array_index(frame + 0.5, deg=True)
+    axis = matrix.col(goniometer.get_rotation_axis_datum())
+    R = np.array(axis.axis_and_angle_as_r3_rotation_matrix(phi, deg=True)).reshape(3, 3)
+    S = np.array(goniometer.get_setting_rotation()).reshape(3, 3)
+    F = np.array(goniometer.get_fixed_rotation()).reshape(3, 3)
+    return S @ R @ F @ A
+
+
+@dataclass
+class PanelGeometry:
+    """Geometry of one panel for one beam, reused across stills that share it."""
+
+    panel_id: int
+    lab: np.ndarray  # (n_slow, n_fast, 3) mm, pixel centres
+    s1: np.ndarray  # (n_slow, n_fast, 3) Å⁻¹
+    q: np.ndarray  # (n_slow, n_fast, 3) Å⁻¹
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.lab.shape[:2]
+
+    @property
+    def d_star(self) -> np.ndarray:
+        """|q| = 1/d (Å⁻¹)."""
+        return np.linalg.norm(self.q, axis=-1)
+
+
+def detector_geometry(detector, beam) -> list[PanelGeometry]:
+    """Per-panel pixel geometry for a detector and beam (pixel centres)."""
+    wavelength = beam.get_wavelength()
+    s0 = np.array(beam.get_s0(), dtype=np.float64)
+    result = []
+    for panel_id, panel in enumerate(detector):
+        lab = pixel_lab_coordinates(panel)
+        s1 = s1_from_lab(lab, wavelength)
+        result.append(PanelGeometry(panel_id, lab, s1, q_from_s1(s1, s0)))
+    return result

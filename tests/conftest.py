@@ -1,0 +1,63 @@
+"""Shared fixtures: the real-data folder and decompressed real images."""
+
+from __future__ import annotations
+
+import bz2
+import os
+import pathlib
+import shutil
+
+import pytest
+
+import diffuse_cli  # noqa: F401  (DIALS environment before any libtbx import)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> pathlib.Path | None:
+    """``$DIFFUSE_SHARED_DATA`` or ``../shared/data`` relative to the repository."""
+    env = os.environ.get("DIFFUSE_SHARED_DATA")
+    candidates = [pathlib.Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir() and (c / "README.md").exists():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip(
+            "real data not found: set DIFFUSE_SHARED_DATA or place the shared data "
+            f"folder at {REPO.parent / 'shared' / 'data'}"
+        )
+    return d
+
+
+def decompress(src: pathlib.Path, dest_dir: pathlib.Path) -> pathlib.Path:
+    """Decompress a ``.bz2`` image into ``dest_dir`` (once) and return its path."""
+    out = dest_dir / src.name[:-4] if src.name.endswith(".bz2") else dest_dir / src.name
+    if not out.exists():
+        tmp = out.with_suffix(out.suffix + ".part")
+        with bz2.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_images(shared_data, tmp_path_factory):
+    """Function (subfolder, count) -> list of decompressed image paths."""
+    cache = tmp_path_factory.mktemp("real_images")
+
+    def get(subfolder: str, count: int | None = None) -> list[pathlib.Path]:
+        files = sorted((shared_data / subfolder).glob("*.bz2"))[:count]
+        if not files:
+            pytest.skip(f"no images in {shared_data / subfolder}")
+        dest = cache / subfolder
+        dest.mkdir(exist_ok=True)
+        return [decompress(f, dest) for f in files]
+
+    return get
