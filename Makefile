@@ -8,13 +8,13 @@ DEMO_DIR ?= demo_output
 
 .PHONY: setup demo test test-fast clean benchmarks
 
-# System packages: DIALS 3.12 (dxtbx, cctbx), MPI, pyFAI. Only installs what is missing.
+# System packages: DIALS 3.12 (dxtbx, cctbx), MPI, pyFAI, numba. Only installs what is missing.
 .setup-system.stamp:
-	@if ! /usr/bin/python3 -c "import dials, dxtbx, mpi4py, pyFAI" 2>/dev/null || ! command -v mpirun >/dev/null; then \
+	@if ! /usr/bin/python3 -c "import dials, dxtbx, mpi4py, pyFAI, numba" 2>/dev/null || ! command -v mpirun >/dev/null; then \
 	  echo "Installing Debian packages (python3-dials, MPI, pyFAI)..."; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-dials python3-mpi4py openmpi-bin python3-pyfai python3-venv >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-dials python3-mpi4py openmpi-bin python3-pyfai python3-numba python3-venv >/dev/null; \
 	fi
 	@touch $@
 

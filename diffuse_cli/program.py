@@ -84,10 +84,7 @@ class ArgumentParser(_DialsArgumentParser):
                 continue
             if not os.path.exists(arg):
                 raise Sorry(f"File not found: {arg}")
-        params, options = super().parse_args(
-            args, show_diff_phil=show_diff_phil, **kwargs
-        )
-        return params, options
+        return super().parse_args(args, show_diff_phil=show_diff_phil, **kwargs)
 
 
 def configure_logging(program: str, params=None, options=None) -> logging.Logger:
@@ -201,6 +198,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     stem, ext = os.path.splitext(base)
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
     os.close(fd)
+    # mkstemp makes 0600 files; give outputs the usual umask-based permissions
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)

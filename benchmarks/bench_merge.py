@@ -1,0 +1,149 @@
+"""Benchmark diffuse.merge's binning + accumulation, and its memory bound.
+
+Streams synthetic stills (Ewald-sphere slices of a flat 1000×1000-pixel
+detector, random orientations, pixel order) through the merge accumulator
+(hkl → voxel → Σw, Σw·I, count for two half-datasets), then folds onto the
+ASU of the Laue group. A pool of stills is precomputed (float32 hkl, as the
+corrected-observation reader gives) and cycled, so the timing is the merge,
+not the data generation.
+
+Reports observations per second per core (accumulation alone, and including
+the ASU map and fold), and the peak resident memory (ru_maxrss), which must
+not grow with the number of observations.
+
+Usage:
+
+  python benchmarks/bench_merge.py                    # 1e9 observations, 15 M-voxel grid
+  python benchmarks/bench_merge.py --n-obs 2e7 --grid small --json
+  python benchmarks/bench_merge.py --numpy            # the numpy bincount fallback
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+import diffuse_cli  # noqa: F401
+from diffuse_cli.grid import HKLGrid
+from diffuse_cli.merging import HAVE_NUMBA, Accumulator
+from diffuse_cli.symmetry import LaueSymmetry, b_matrix, grid_asu_map
+
+GRIDS = {
+    # thaumatin-like: P41212, 58.4 58.4 152.3, d_min 2 Å, ndiv 3 -> 15 M voxels
+    "large": ((58.4, 58.4, 152.3, 90, 90, 90), "P43212", 2.0, 3),
+    "small": ((40.0, 40.0, 60.0, 90, 90, 90), "P43212", 2.0, 2),
+}
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def detector_q(n_side=1000, wavelength=1.0, distance=200.0, pixel=0.172) -> np.ndarray:
+    x = (np.arange(n_side) - n_side / 2 + 0.5) * pixel * 1.5
+    X, Y = np.meshgrid(x, x)
+    lab = np.stack([X, Y, np.full_like(X, distance)], -1).reshape(-1, 3)
+    s1 = lab / np.linalg.norm(lab, axis=1)[:, None] / wavelength
+    return s1 - np.array([0.0, 0.0, 1.0 / wavelength])
+
+
+def make_pool(unit_cell, n_pool: int, n_side: int, seed: int = 0):
+    from scipy.spatial.transform import Rotation
+
+    q = detector_q(n_side)
+    B = b_matrix(unit_cell)
+    rng = np.random.default_rng(seed)
+    pool = []
+    for U in Rotation.random(n_pool, random_state=seed).as_matrix():
+        hkl = (q @ np.linalg.inv(U @ B).T).astype(np.float32)
+        I = rng.gamma(2.0, 1.0, len(q)).astype(np.float32)
+        sig = np.sqrt(I + 0.5).astype(np.float32)
+        pool.append((hkl, I, sig))
+    return pool
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-obs", type=float, default=1e9)
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="large")
+    ap.add_argument("--pool", type=int, default=6, help="distinct stills to cycle")
+    ap.add_argument("--n-side", type=int, default=1000, help="detector side (pixels)")
+    ap.add_argument("--chunk", type=int, default=4_000_000)
+    ap.add_argument("--numpy", action="store_true", help="numpy fallback instead of numba")
+    ap.add_argument("--shuffle", action="store_true", help="random pixel order (worst case)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line only")
+    args = ap.parse_args(argv)
+
+    cell, sg, d_min, ndiv = GRIDS[args.grid]
+    laue = LaueSymmetry(sg)
+    grid = HKLGrid.for_resolution(ndiv, cell, d_min)
+    pool = make_pool(cell, args.pool, args.n_side)
+    if args.shuffle:
+        rng = np.random.default_rng(1)
+        pool = [tuple(a[p] for a in s) for s in pool for p in [rng.permutation(len(s[0]))]]
+    rss_pool = maxrss_mb()
+    per_still = len(pool[0][0])
+    n_stills = int(np.ceil(args.n_obs / per_still))
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    lut = grid_asu_map(grid, laue, cell, d_min=d_min)
+    t_lut, c_lut = time.perf_counter() - t0, time.process_time() - c0
+    acc = Accumulator(grid, 2, use_numba=not args.numpy)
+    acc.add(*pool[0][:3], half=0, chunk=args.chunk)  # JIT warm-up, not timed
+    acc = Accumulator(grid, 2, use_numba=not args.numpy)
+    rss_start = maxrss_mb()
+    halves = np.random.default_rng(2).integers(0, 2, n_stills)
+    t0, c0 = time.perf_counter(), time.process_time()
+    n_in = 0
+    for i in range(n_stills):
+        hkl, I, sig = pool[i % len(pool)]
+        n_in += acc.add(hkl, I, sig, factor=1.0, half=int(halves[i]), chunk=args.chunk)
+        if not args.json and (i + 1) % max(1, n_stills // 10) == 0:
+            el = time.perf_counter() - t0
+            print(f"  {i + 1}/{n_stills} stills, {(i + 1) * per_still / el / 1e6:.1f} M obs/s, "
+                  f"maxrss {maxrss_mb():.0f} MB", flush=True)
+    t_acc, c_acc = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    merged = acc.merge(lut)
+    t_fold, c_fold = time.perf_counter() - t0, time.process_time() - c0
+    n_total = n_stills * per_still
+    out = {
+        "grid": args.grid,
+        "grid_shape": list(grid.shape),
+        "n_voxels": grid.n_voxels,
+        "laue_group": laue.laue_symbol,
+        "kernel": "numpy" if (args.numpy or not HAVE_NUMBA) else "numba",
+        "pixel_order": "shuffled" if args.shuffle else "detector",
+        "n_observations": n_total,
+        "n_accumulated": int(n_in),
+        "n_measured_asu_voxels": int(np.sum(merged.counts > 0)),
+        "seconds_accumulate": t_acc,
+        "seconds_asu_map": t_lut,
+        "seconds_fold": t_fold,
+        "cpu_seconds_accumulate": c_acc,
+        "cpu_seconds_asu_map": c_lut,
+        "cpu_seconds_fold": c_fold,
+        # per core: CPU time of this single-threaded process (the machine may be shared)
+        "obs_per_cpu_second_accumulate": n_total / c_acc,
+        "obs_per_cpu_second_total": n_total / (c_acc + c_lut + c_fold),
+        "obs_per_wall_second_total": n_total / (t_acc + t_lut + t_fold),
+        "maxrss_mb_after_pool": rss_pool,
+        "maxrss_mb_before_stream": rss_start,
+        "maxrss_mb_end": maxrss_mb(),
+        "accumulator_mb": acc.acc.nbytes / 2**20,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:>30}: {v:.4g}" if isinstance(v, float) else f"{k:>30}: {v}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

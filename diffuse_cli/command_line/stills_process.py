@@ -1,0 +1,267 @@
+"""Index and integrate stills (and rotation frames) with DIALS, for diffuse work.
+
+diffuse.stills_process drives DIALS stills processing through its Python API
+(one ``dials.command_line.stills_process.Processor`` call chain per image),
+accepts every ``dials.stills_process`` parameter (spot finding, indexing with
+known_symmetry, refinement, integration, reference_geometry), and adds:
+
+- one summary row per input image (``stills_process_summary.csv``/``.json``):
+  status (indexed / not a hit / failed / failed validation) and reason, route,
+  unit cell, numbers of spots/indexed/integrated reflections, RMSD (px) and
+  q-consistency (mean and max |q_obs − A·h|, Å⁻¹);
+- per-still ``stills/<image>_integrated.expt/.refl`` (with ``partiality`` and,
+  by default, shoeboxes) and ONE combined pair ``combined.expt``/``.refl``
+  holding every indexed still (experiment identifier = image tag);
+- QC pictures ``qc_*.png`` (indexing rate, unit cells, RMSD and q-consistency,
+  partiality);
+- resume: a rerun skips stills already done with the same input and
+  parameters (``overwrite=True`` redoes them);
+- local processes (``nproc=N``) or MPI (``mp.method=mpi`` under mpirun).
+
+Inputs are image files, directories, globs (quote them, or use
+``input.glob=``), multi-image containers (HDF5/NeXus: one row per frame) or
+imported ``.expt`` files. Route: zero-oscillation images are processed as
+stills; rotation frames (oscillation > 0, or a header width of 0 with a
+goniometer angle that advances steadily from image to image) are processed as
+stills of that width with ``rotation_frames.*`` limits (route
+``rotation_as_stills``). The summary says which route each image took.
+
+Examples::
+
+  diffuse.stills_process images/*.cbf \\
+      indexing.known_symmetry.space_group=P41212 \\
+      indexing.known_symmetry.unit_cell=58.4,58.4,152.3 nproc=4
+
+  diffuse.stills_process data/ output.directory=sp mp.method=mpi   # under mpirun
+
+  diffuse.stills_process idx-*.cbf spotfinder.threshold.dispersion.gain=25 \\
+      spotfinder.threshold.dispersion.global_threshold=100 \\
+      spotfinder.filter.min_spot_size=2 indexing.refinement_protocol.d_min_start=2
+
+  diffuse.stills_process my_params.phil images/ overwrite=True
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+import time
+
+import diffuse_cli  # noqa: F401  (DIALS environment before libtbx)
+from diffuse_cli import processing, program
+
+from libtbx.utils import Sorry
+
+logger = logging.getLogger("diffuse.stills_process")
+
+phil_scope = program.parse_phil(
+    """
+include scope dials.command_line.stills_process.phil_scope
+
+processing_mode = *auto stills sequence
+  .type = choice
+  .help = "Route selection. auto and stills: zero-width images are stills; "
+          "rotation frames (oscillation > 0 in the header, or a steadily "
+          "advancing goniometer angle) are processed as stills of their width "
+          "with rotation_frames.* limits (route rotation_as_stills). sequence "
+          "(import -> index -> refine -> integrate as a sweep) is not "
+          "implemented in this version and stops with an error."
+overwrite = False
+  .type = bool
+  .help = "Reprocess stills that already have a done-record from an earlier run "
+          "with the same input and parameters."
+rotation_frames {
+  ewald_proximal_volume_max = 0.01
+    .type = float(value_min=0)
+    .help = "indexing.stills.ewald_proximal_volume_max used (at least) for "
+            "rotation frames, which record ~Δφ of rotation each."
+  sigma_b_cutoff = 0.3
+    .type = float(value_min=0)
+    .help = "profile.gaussian_rs.parameters.sigma_b_cutoff used (at least) for "
+            "rotation frames (degrees)."
+}
+q_consistency {
+  max_mean_delta_q = 0.005
+    .type = float(value_min=0)
+    .help = "A still whose mean |q_obs - A.h| over its indexed spots exceeds this "
+            "(1/Angstrom, no 2pi) is marked 'failed validation' and left out of "
+            "the combined files. None disables the check."
+}
+output {
+  directory = stills_process
+    .type = path
+    .help = "Directory for all outputs (replaces output.output_dir)."
+  integrated_shoeboxes = True
+    .type = bool
+    .help = "Keep the pixel shoeboxes in the integrated reflections (sets "
+            "integration.debug.output=True separate_files=False "
+            "delete_shoeboxes=False)."
+  indexed_reflections = True
+    .type = bool
+    .help = "Also write stills/<image>_indexed.refl (the refined strong spots)."
+  combined_prefix = combined
+    .type = str
+    .help = "Combined files <directory>/<prefix>.expt and .refl"
+  summary_prefix = stills_process_summary
+    .type = str
+    .help = "Summary table <directory>/<prefix>.csv and .json"
+  plots = True
+    .type = bool
+    .help = "Write the QC pictures qc_*.png"
+}
+""",
+    program="stills_process",
+)
+
+class _ArgumentParser(program.ArgumentParser):
+    """program.ArgumentParser that also returns the unhandled (image) paths.
+
+    program.ArgumentParser.parse_args unpacks exactly (params, options); image
+    paths are not experiments, so we need DIALS's ``return_unhandled=True``.
+    The missing-file check (one-line ``Sorry: File not found``) is the same.
+    """
+
+    def parse_args(self, args=None, show_diff_phil=False, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        if not args:
+            self.print_help()
+            raise SystemExit(0)
+        for arg in args:
+            if not arg.startswith("-") and "=" not in arg and not os.path.exists(arg):
+                raise Sorry(f"File not found: {arg}")
+        return program._DialsArgumentParser.parse_args(
+            self, args, show_diff_phil=show_diff_phil, return_unhandled=True, **kwargs
+        )
+
+
+def _expand_glob_args(args):
+    """Expand quoted globs on the command line (missing matches stay as they are)."""
+    out = []
+    for a in args:
+        if not a.startswith("-") and "=" not in a and glob.has_magic(a):
+            matches = sorted(glob.glob(a))
+            out.extend(matches if matches else [a])
+        else:
+            out.append(a)
+    return out
+
+
+def _mpi_comm(params):
+    if params.mp.method != "mpi":
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise Sorry("mp.method=mpi needs mpi4py")
+    return MPI.COMM_WORLD
+
+
+@program.entry_point("stills_process")
+def run(args=None, phil=phil_scope):
+    usage = "diffuse.stills_process [options] [param.phil] images|directories|globs|imported.expt"
+    parser = _ArgumentParser(
+        usage=usage,
+        phil=phil,
+        read_experiments=False,
+        read_reflections=False,
+        check_format=False,
+        epilog=__doc__,
+    )
+    if args is None:
+        args = sys.argv[1:]
+    params, options, paths = parser.parse_args(_expand_glob_args(args))
+    comm = _mpi_comm(params)
+    rank = comm.Get_rank() if comm is not None else 0
+    directory = os.path.abspath(params.output.directory)
+    params.output.directory = directory
+    if rank != 0:
+        os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
+        params.output.log = os.path.join(directory, "logs", f"rank{rank:04d}.log")
+    program.configure_logging("stills_process", params, options)
+    if rank == 0:
+        program.log_diff_phil(parser)
+
+    bad = [p for p in paths if p.endswith(".phil")]
+    if bad:
+        raise Sorry(f"PHIL file not understood: {bad[0]}")
+    for mask_path in (params.spotfinder.lookup.mask, params.integration.lookup.mask):
+        if mask_path is not None and not os.path.isfile(mask_path):
+            raise Sorry(f"File not found: {mask_path}")
+    if params.input.file_list is not None and not os.path.isfile(params.input.file_list):
+        raise Sorry(f"File not found: {params.input.file_list}")
+
+    if params.processing_mode == "sequence":
+        raise Sorry("processing_mode=sequence is not implemented in this version; use auto or stills")
+    items = config = None
+    if rank == 0:
+        all_paths = processing.expand_paths(paths, params.input.glob, params.input.file_list)
+        if not all_paths:
+            raise Sorry("No input images given")
+        items = processing.discover(all_paths, params.processing_mode)
+        if params.input.image_tag:
+            items = [it for it in items if it.tag in set(params.input.image_tag)]
+        if params.input.max_images:
+            items = items[: params.input.max_images]
+        if params.input.show_image_tags:
+            for it in items:
+                print(it.tag)
+            return None
+        os.makedirs(directory, exist_ok=True)
+        routes = {}
+        for it in items:
+            routes[it.route] = routes.get(it.route, 0) + 1
+        logger.info("%d input images; routes: %s", len(items),
+                    ", ".join(f"{k} {v}" for k, v in routes.items()))
+        for it in items:
+            if it.route == processing.ROUTE_ROTATION_AS_STILLS:
+                logger.info("  %s: rotation frame of %.3f deg (header width %.3f deg) -> processed as a still",
+                            it.tag, it.osc_width, it.header_osc_width)
+        config = processing.Config(
+            params=params,
+            directory=directory,
+            fingerprint=processing.params_fingerprint(parser.phil, params),
+            overwrite=params.overwrite,
+        )
+
+    t0 = time.perf_counter()
+
+    def report(i, row):
+        reason = f" ({row['reason']})" if row["reason"] else ""
+        extra = " [done earlier]" if row.get("resumed") else ""
+        logger.info("%s: %s%s, %d indexed, %d integrated%s", row["tag"], row["status"],
+                    reason, row["n_indexed"], row["n_integrated"], extra)
+
+    if comm is not None:
+        results = processing.run_mpi(items, config, comm, on_result=report if rank == 0 else None)
+        if rank != 0:
+            return None
+    else:
+        nproc = program.resolve_nproc(params.nproc)
+        if nproc == 1 and params.mp.nproc > 1:
+            nproc = params.mp.nproc
+        results = processing.run_local(items, config, nproc, on_result=report)
+    elapsed = time.perf_counter() - t0
+
+    rows = [r[0] for r in results]
+    hists = [r[1] for r in results]
+    csv_path, json_path = processing.write_summary(
+        rows, os.path.join(directory, params.output.summary_prefix)
+    )
+    expt_path, refl_path, n_combined = processing.write_combined(
+        rows, directory, params.output.combined_prefix
+    )
+    if params.output.plots:
+        from diffuse_cli import qc_plots
+
+        qc_plots.make_all(rows, hists, directory)
+    logger.info("%s in %.1f s", processing.summarise(rows), elapsed)
+    logger.info("Summary: %s", csv_path)
+    logger.info("Combined: %s, %s (%d experiments)", expt_path, refl_path, n_combined)
+    if n_combined == 0:
+        raise Sorry(f"No image was indexed ({processing.summarise(rows)}); see {csv_path}")
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,612 @@
+"""Per-pixel intensity corrections, as numpy arrays (formulas in docs/corrections.md).
+
+Forward model of the counts recorded in a pixel (photon units; ADU = gain × photons)::
+
+    expected_counts = scale · t_exp · (Ω / 1e-6) · P · η · T_air · T_kapton · I
+
+with ``I`` in photons per microsteradian per second (per unit scale), ``Ω``
+the pixel solid angle (sr), ``P`` the polarization factor, ``η`` the sensor
+absorption efficiency and ``T`` transmissions. Every correction is stored as a
+**multiplier** of counts: ``1e-6/Ω``, ``1/P``, ``1/η``, ``1/T_air``,
+``1/T_kapton``; their product is ``total`` and::
+
+    I = (counts − background) · total / (gain · t_exp)
+    σ = sqrt(gain · max(counts, 0) + var(background)) · total / (gain · t_exp)
+
+No rotation Lorentz factor is ever applied (pixel-level diffuse intensities).
+
+Functions taking a panel return arrays of shape ``(n_slow, n_fast)`` for inputs
+``lab_mm`` / ``s1`` of shape ``(n_slow, n_fast, 3)`` (from
+:class:`diffuse_cli.geometry.PanelGeometry`); they also accept any ``(..., 3)``.
+Lengths are mm, wave vectors Å⁻¹, attenuation coefficients mm⁻¹.
+"""
+
+# STATUS: api-ready
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import diffuse_cli  # noqa: F401  (DIALS environment)
+
+logger = logging.getLogger("diffuse.corrections")
+
+MICROSTERADIAN = 1.0e-6
+#: h·c in eV·Å (CODATA 2018).
+HC_EV_ANGSTROM = 12398.419843320026
+#: Gas constant, J mol⁻¹ K⁻¹.
+GAS_CONSTANT = 8.314462618
+#: Dry air near sea level, mass fractions (NIST XCOM / Hubbell & Seltzer "Air, Dry").
+AIR_MASS_FRACTIONS = {"C": 0.000124, "N": 0.755268, "O": 0.231781, "Ar": 0.012827}
+#: Molar mass of dry air, g/mol.
+AIR_MOLAR_MASS = 28.9647
+STANDARD_PRESSURE_KPA = 101.325
+ROOM_TEMPERATURE_K = 293.15
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _norm(v: np.ndarray) -> np.ndarray:
+    """|v| over the last axis (einsum: several times faster than linalg.norm)."""
+    return np.sqrt(np.einsum("...i,...i->...", v, v))
+
+
+def panel_normal(panel) -> np.ndarray:
+    """Unit normal of a panel (fast × slow), lab frame."""
+    return _unit(np.array(panel.get_normal(), dtype=np.float64))
+
+
+def pixel_area_mm2(panel) -> float:
+    """Area of one pixel (mm²): |f̂ × ŝ| · size_fast · size_slow."""
+    f = _unit(np.array(panel.get_fast_axis()))
+    s = _unit(np.array(panel.get_slow_axis()))
+    px_f, px_s = panel.get_pixel_size()
+    return float(np.linalg.norm(np.cross(f, s)) * px_f * px_s)
+
+
+def cos_incidence(panel, vectors: np.ndarray) -> np.ndarray:
+    """|cos ψ| between each ray (lab position or s1) and the panel normal."""
+    n = panel_normal(panel)
+    v = np.asarray(vectors, dtype=np.float64)
+    return np.abs(v @ n) / _norm(v)
+
+
+def energy_ev(wavelength: float) -> float:
+    """Photon energy (eV) for a wavelength in Å."""
+    return HC_EV_ANGSTROM / float(wavelength)
+
+
+def _attenuation_table(material: str):
+    from cctbx.eltbx import attenuation_coefficient
+
+    return attenuation_coefficient.get_table(material)
+
+
+def mass_attenuation(material: str, wavelength: float) -> float:
+    """Total mass attenuation coefficient μ/ρ (cm²/g) from cctbx's NIST tables."""
+    return float(_attenuation_table(material).mu_rho_at_angstrom(float(wavelength)))
+
+
+def sensor_mu(panel, wavelength: float, material: str | None = None) -> float:
+    """Linear attenuation coefficient μ (mm⁻¹) of a panel's sensor.
+
+    ``panel.get_mu()`` when the format set it (> 0) and no material override
+    is given; otherwise the NIST table for the material at the beam energy,
+    exactly as dxtbx computes it for the parallax correction
+    (``mu_at_angstrom(λ) / 10``, table density).
+    """
+    if material is None:
+        mu = float(panel.get_mu())
+        if mu > 0:
+            return mu
+        material = panel.get_material()
+    if not material:
+        raise ValueError(
+            f"panel {panel.get_name()!r} has neither mu nor a sensor material; "
+            "give the sensor material"
+        )
+    return float(_attenuation_table(material).mu_at_angstrom(float(wavelength))) / 10.0
+
+
+# ------------------------------------------------------------------ factors
+
+
+def solid_angle(panel, lab_mm: np.ndarray, exact: bool = False) -> np.ndarray:
+    """Solid angle Ω (sr) of each pixel seen from the sample at the lab origin.
+
+    Default: flat pixel of area A at distance r with incidence angle ψ to the
+    panel normal, ``Ω = A·cos ψ / r²``. ``exact=True`` integrates over the
+    rectangle (pixel axes must be orthogonal); the two differ by a relative
+    O((a/r)²) (about 1e-7 for 172 µm pixels at 100 mm; see docs/corrections.md).
+    """
+    lab = np.asarray(lab_mm, dtype=np.float64)
+    if not exact:
+        r2 = np.einsum("...i,...i->...", lab, lab)
+        return pixel_area_mm2(panel) * np.abs(lab @ panel_normal(panel)) / (r2 * np.sqrt(r2))
+    f = _unit(np.array(panel.get_fast_axis()))
+    s = _unit(np.array(panel.get_slow_axis()))
+    if abs(f @ s) > 1e-9:
+        raise ValueError("exact solid angle needs orthogonal fast and slow axes")
+    n = panel_normal(panel)
+    d = float(np.array(panel.get_origin()) @ n)  # signed distance of the plane
+    rel = lab - d * n  # from the foot of the perpendicular, in the plane
+    x = rel @ f
+    y = rel @ s
+    px_f, px_s = panel.get_pixel_size()
+    ad = abs(d)
+
+    def corner(u, v):
+        return np.arctan(u * v / (ad * np.sqrt(u * u + v * v + ad * ad)))
+
+    x1, x2 = x - px_f / 2, x + px_f / 2
+    y1, y2 = y - px_s / 2, y + px_s / 2
+    return corner(x2, y2) - corner(x1, y2) - corner(x2, y1) + corner(x1, y1)
+
+
+def polarization(s1: np.ndarray, beam) -> np.ndarray:
+    """Polarization factor P (fraction of the scattered intensity), DIALS convention.
+
+    With ``n`` the beam's polarization normal (made orthogonal to ŝ0),
+    ``ê₁ = n × ŝ0`` and ``f`` the polarization fraction (f = 0.5 unpolarised,
+    f → 1: E-field along ê₁, i.e. in the plane normal to n)::
+
+        P = f·(1 − (ŝ1·ê₁)²) + (1 − f)·(1 − (ŝ1·n)²)
+
+    which equals DIALS's ``(1−2f)(1−(ŝ1·n)²) + f(1+cos²2θ)`` (the inverse of
+    ``Corrections.lp`` for stills), and ``(1+cos²2θ)/2`` for f = 0.5.
+    """
+    s0 = _unit(np.array(beam.get_s0(), dtype=np.float64))
+    n = np.array(beam.get_polarization_normal(), dtype=np.float64)
+    n = _unit(n - (n @ s0) * s0)
+    e1 = np.cross(n, s0)
+    f = float(beam.get_polarization_fraction())
+    s1 = np.asarray(s1, dtype=np.float64)
+    norm = _norm(s1)
+    a = (s1 @ e1) / norm
+    b = (s1 @ n) / norm
+    return f * (1.0 - a * a) + (1.0 - f) * (1.0 - b * b)
+
+
+def sensor_efficiency(
+    panel,
+    s1: np.ndarray,
+    wavelength: float,
+    mu: float | None = None,
+    thickness_mm: float | None = None,
+) -> np.ndarray:
+    """Fraction of photons absorbed in the sensor, ``η = 1 − exp(−μ·t / cos ψ)``.
+
+    μ (mm⁻¹) from :func:`sensor_mu` unless given; ``t`` the panel thickness
+    (mm) unless given; ψ the angle between the ray and the panel normal (as in
+    DIALS ``qe_correction``). Raises ValueError if the thickness is unknown.
+    """
+    t = float(panel.get_thickness()) if thickness_mm is None else float(thickness_mm)
+    if not t > 0:
+        raise ValueError(f"panel {panel.get_name()!r} has no sensor thickness")
+    if mu is None:
+        mu = sensor_mu(panel, wavelength)
+    if not mu > 0:
+        raise ValueError("sensor attenuation coefficient must be positive")
+    return -np.expm1(-mu * t / cos_incidence(panel, s1))
+
+
+def air_density(pressure_kpa: float = STANDARD_PRESSURE_KPA, temperature_k: float = ROOM_TEMPERATURE_K) -> float:
+    """Density of dry air (g/cm³) from the ideal gas law."""
+    grams_per_m3 = pressure_kpa * 1e3 * AIR_MOLAR_MASS / (GAS_CONSTANT * temperature_k)
+    return grams_per_m3 * 1e-6
+
+
+def air_mass_attenuation(wavelength: float) -> float:
+    """μ/ρ of dry air (cm²/g): mass-fraction-weighted NIST element values."""
+    return sum(w * mass_attenuation(el, wavelength) for el, w in AIR_MASS_FRACTIONS.items())
+
+
+def air_mu(wavelength: float, pressure_kpa: float = STANDARD_PRESSURE_KPA, temperature_k: float = ROOM_TEMPERATURE_K) -> float:
+    """Linear attenuation coefficient of air (mm⁻¹)."""
+    return air_mass_attenuation(wavelength) * air_density(pressure_kpa, temperature_k) / 10.0
+
+
+def air_transmission(
+    lab_mm: np.ndarray,
+    wavelength: float,
+    pressure_kpa: float = STANDARD_PRESSURE_KPA,
+    temperature_k: float = ROOM_TEMPERATURE_K,
+) -> np.ndarray:
+    """Transmission ``T = exp(−μ_air·L)`` over the sample-to-pixel distance L (mm)."""
+    L = _norm(np.asarray(lab_mm, dtype=np.float64))
+    return np.exp(-air_mu(wavelength, pressure_kpa, temperature_k) * L)
+
+
+@dataclass
+class KaptonParams:
+    """DIALS ``fuller_kapton`` geometry (mm, degrees); see kapton_correction.py."""
+
+    height_above_kapton_mm: float = 0.02
+    thickness_mm: float = 0.05
+    half_width_mm: float = 1.5875
+    rotation_angle_deg: float = 1.15
+
+
+def kapton_transmission(s1: np.ndarray, beam, params: KaptonParams) -> np.ndarray:
+    """Transmission through Kapton tape (≤ 1), DIALS's ``KaptonAbsorption`` model.
+
+    DIALS returns the multiplier 1/T; we return T. Its Kapton attenuation
+    table covers 6–13 keV only.
+    """
+    from scitbx.array_family import flex
+
+    from dials.algorithms.integration.kapton_correction import KaptonAbsorption
+
+    e = energy_ev(beam.get_wavelength())
+    if not 6000.0 <= e <= 13000.0:
+        raise ValueError(f"Kapton absorption table covers 6-13 keV, beam is {e / 1000:.2f} keV")
+    model = KaptonAbsorption(
+        params.height_above_kapton_mm,
+        params.thickness_mm,
+        params.half_width_mm,
+        params.rotation_angle_deg,
+        wavelength_ang=beam.get_wavelength(),
+        beam=beam,
+    )
+    u = _unit(s1)
+    shape = u.shape[:-1]
+    flat = flex.vec3_double(np.ascontiguousarray(u.reshape(-1, 3)))
+    multiplier = model.abs_correction_flex(flat).as_numpy_array()
+    return (1.0 / multiplier).reshape(shape)
+
+
+# ------------------------------------------------------------------ per detector
+
+
+@dataclass
+class CorrectionOptions:
+    """Which corrections to compute and their settings.
+
+    ``efficiency``: "auto" applies the sensor efficiency when the panel has a
+    thickness (and mu or material), "on" requires it, "off" skips it.
+    """
+
+    solid_angle_exact: bool = False
+    polarization: bool = True
+    efficiency: str = "auto"
+    sensor_material: str | None = None
+    sensor_thickness_mm: float | None = None
+    air: bool = True
+    air_pressure_kpa: float = STANDARD_PRESSURE_KPA
+    air_temperature_k: float = ROOM_TEMPERATURE_K
+    kapton: KaptonParams | None = None
+    notes: list = field(default_factory=list)
+
+
+MULTIPLIER_NAMES = ("solid_angle", "polarization", "efficiency", "air", "kapton")
+
+
+def _efficiency_applies(panel, options: CorrectionOptions) -> bool:
+    if options.efficiency == "off":
+        return False
+    thickness = options.sensor_thickness_mm or panel.get_thickness()
+    has_mu = panel.get_mu() > 0 or bool(options.sensor_material or panel.get_material())
+    if thickness > 0 and has_mu:
+        return True
+    if options.efficiency == "on":
+        raise ValueError(
+            f"sensor efficiency requested but panel {panel.get_name()!r} has no "
+            "thickness/material; set sensor.thickness_mm and sensor.material"
+        )
+    return False
+
+
+def panel_factors(panel, beam, lab_mm: np.ndarray, s1: np.ndarray, options: CorrectionOptions) -> dict:
+    """Forward factors of one panel: Ω (sr), P, η, T_air, T_kapton (arrays or None)."""
+    wavelength = beam.get_wavelength()
+    out = {"solid_angle": solid_angle(panel, lab_mm, exact=options.solid_angle_exact)}
+    out["polarization"] = polarization(s1, beam) if options.polarization else None
+    if _efficiency_applies(panel, options):
+        mu = sensor_mu(panel, wavelength, material=options.sensor_material)
+        out["efficiency"] = sensor_efficiency(
+            panel, s1, wavelength, mu=mu, thickness_mm=options.sensor_thickness_mm
+        )
+    else:
+        out["efficiency"] = None
+    out["air"] = (
+        air_transmission(lab_mm, wavelength, options.air_pressure_kpa, options.air_temperature_k)
+        if options.air
+        else None
+    )
+    out["kapton"] = kapton_transmission(s1, beam, options.kapton) if options.kapton else None
+    return out
+
+
+def geometry_from_s1(detector, s1: np.ndarray, s0) -> list:
+    """PanelGeometry per panel rebuilt from cached pixel directions (no dxtbx calls).
+
+    A pixel centre lies on its panel plane ``x·n̂ = d`` (d = origin·n̂), so its
+    lab position is ``ŝ1 · d / (ŝ1·n̂)``: exact for flat panels, parallax
+    included (the cache's s1 already has it). ``s1`` is (Npix, 3) in pixel
+    order; float32 input gives positions to ~1e-7 relative.
+    """
+    from diffuse_cli.geometry import PanelGeometry, q_from_s1
+
+    s1 = np.asarray(s1, dtype=np.float64)
+    out = []
+    start = 0
+    for panel_id, panel in enumerate(detector):
+        n_fast, n_slow = panel.get_image_size()
+        stop = start + n_fast * n_slow
+        if stop > len(s1):
+            raise ValueError("fewer cached pixels than the detector has")
+        v = s1[start:stop].reshape(n_slow, n_fast, 3)
+        n = panel_normal(panel)
+        d = float(np.array(panel.get_origin()) @ n)
+        lab = v * (d / (v @ n))[..., None]
+        out.append(PanelGeometry(panel_id, lab, v, q_from_s1(v, s0)))
+        start = stop
+    if start != len(s1):
+        raise ValueError(f"{len(s1)} cached pixels, the detector has {start}")
+    return out
+
+
+def detector_multipliers(detector, beam, options: CorrectionOptions | None = None, geometry=None) -> dict:
+    """Multiplier arrays for every pixel of a detector, in pixel order.
+
+    Returns a dict of 1-D float64 arrays of length Npix (panel-major, slow,
+    fast): ``solid_angle`` = 1e-6/Ω (per microsteradian), ``polarization`` =
+    1/P, ``efficiency`` = 1/η, ``air`` = 1/T_air, ``kapton`` = 1/T_kapton
+    (a correction not applied is all ones and absent from ``applied``),
+    ``total`` = their product, ``omega_sr`` = Ω, and ``applied`` (list of
+    names). ``geometry`` is an optional list of PanelGeometry to reuse.
+    """
+    from diffuse_cli.geometry import detector_geometry
+
+    options = options or CorrectionOptions()
+    if geometry is None:
+        geometry = detector_geometry(detector, beam)
+    parts = {name: [] for name in MULTIPLIER_NAMES}
+    omega = []
+    applied = set()
+    for panel, g in zip(detector, geometry):
+        forward = panel_factors(panel, beam, g.lab, g.s1, options)
+        omega.append(forward["solid_angle"].ravel())
+        for name in MULTIPLIER_NAMES:
+            value = forward[name]
+            if value is None:
+                parts[name].append(np.ones(g.shape[0] * g.shape[1]))
+                continue
+            applied.add(name)
+            if name == "solid_angle":
+                parts[name].append(MICROSTERADIAN / value.ravel())
+            else:
+                parts[name].append(1.0 / value.ravel())
+    out = {name: np.concatenate(v) for name, v in parts.items()}
+    total = np.ones_like(out["solid_angle"])
+    for name in MULTIPLIER_NAMES:
+        total *= out[name]
+    out["total"] = total
+    out["omega_sr"] = np.concatenate(omega)
+    out["applied"] = [n for n in MULTIPLIER_NAMES if n in applied]
+    return out
+
+
+# ------------------------------------------------------------------ counts -> intensity
+
+
+def corrected_intensity(
+    counts,
+    multiplier,
+    exposure_time: float,
+    gain: float = 1.0,
+    background=0.0,
+    background_variance=0.0,
+):
+    """Corrected intensity (photons/µsr/s) and its Poisson σ.
+
+    ``counts`` in ADU (= gain × photons), ``multiplier`` the per-pixel total,
+    ``background`` in ADU for this exposure with variance ``background_variance``
+    (ADU²). var(counts) = gain·max(counts, 0), i.e. var(photons) = photons.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    k = 1.0 / (float(exposure_time) * float(gain))
+    scale = np.asarray(multiplier, dtype=np.float64) * k
+    intensity = (counts - background) * scale
+    variance = gain * np.maximum(counts, 0.0) + background_variance
+    return intensity, np.sqrt(variance) * scale
+
+
+def expected_counts(intensity, multiplier, exposure_time: float, gain: float = 1.0, scale: float = 1.0):
+    """Forward model, the exact inverse of :func:`corrected_intensity` (ADU).
+
+    ``gain · scale · t_exp · I / total`` = gain·scale·t·(Ω/1e-6)·P·η·T·I.
+    """
+    return gain * scale * float(exposure_time) * np.asarray(intensity, dtype=np.float64) / np.asarray(multiplier, dtype=np.float64)
+
+
+def background_rate(images, exposure_times, gain: float = 1.0):
+    """Background map from background images: mean rate (ADU/s) and its variance.
+
+    ``images``: iterable of 1-D count arrays (pixel order), one per image.
+    rate = mean_i(C_i / t_i); var(rate) = Σ_i gain·max(C_i,0)/t_i² / N².
+    The background for an exposure t is rate·t with variance var(rate)·t².
+    """
+    total = None
+    var = None
+    n = 0
+    for counts, t in zip(images, exposure_times):
+        c = np.asarray(counts, dtype=np.float64)
+        if total is None:
+            total = np.zeros_like(c)
+            var = np.zeros_like(c)
+        elif c.shape != total.shape:
+            raise ValueError("background images differ in size")
+        total += c / t
+        var += gain * np.maximum(c, 0.0) / (t * t)
+        n += 1
+    if n == 0:
+        raise ValueError("no background images")
+    return total / n, var / (n * n)
+
+
+# ------------------------------------------------------------------ files (diffuse.correct)
+
+EXTRACT_SCHEMA = "diffuse.extract/1"
+GEOMETRY_SCHEMA = "diffuse.geometry/1"
+CORRECT_SCHEMA = "diffuse.correct/1"
+FACTORS_SCHEMA = "diffuse.factors/1"
+BACKGROUND_SCHEMA = "diffuse.background/1"
+
+
+def check_schema(data, expected: str, path) -> None:
+    """Raise Sorry unless the npz ``data`` carries schema ``expected``."""
+    from libtbx.utils import Sorry
+
+    if "schema" not in data:
+        raise Sorry(f"{path}: no schema (expected {expected})")
+    found = str(data["schema"])
+    if found != expected:
+        raise Sorry(f"{path}: schema {found!r}, expected {expected!r}")
+
+
+def load_npz(path, expected: str) -> dict:
+    """Read a whole npz into a dict after checking its schema."""
+    with np.load(path, allow_pickle=False) as data:
+        check_schema(data, expected, path)
+        return {name: data[name] for name in data.files}
+
+
+def factors_filename(geometry_key: str) -> str:
+    return f"factors_{geometry_key}.npz"
+
+
+COUNT_ARRAYS = ("counts", "overflow_index", "overflow_counts")
+
+
+def unpack_counts(data) -> np.ndarray:
+    """Used-pixel counts from an extract/correct file's arrays.
+
+    diffuse.extract stores non-negative integer counts as uint8 ``counts``
+    (clipped at 255) plus ``overflow_index`` / ``overflow_counts`` with the
+    exact values >= 255; otherwise int32 or float32 ``counts``.
+    """
+    counts = data["counts"]
+    if "overflow_index" in data:
+        counts = counts.astype(np.int32)
+        counts[np.asarray(data["overflow_index"], dtype=np.int64)] = data["overflow_counts"]
+    return counts
+
+
+def used_pixels(mask_bits: np.ndarray, n_pixels: int) -> np.ndarray:
+    """Indices (pixel order) of the used pixels from packed mask bits."""
+    return np.flatnonzero(np.unpackbits(np.asarray(mask_bits, dtype=np.uint8), count=int(n_pixels)))
+
+
+def still_background(still: dict, pixels: np.ndarray, background: dict | None):
+    """Background (ADU) and its variance for the used pixels of a corrected still."""
+    mode = str(still["background_mode"])
+    if mode == "none":
+        return 0.0, 0.0
+    if mode == "constant":
+        return float(still["background_constant"]), float(still["background_constant_variance"])
+    if mode == "map":
+        if background is None:
+            raise ValueError("background map needed but not given")
+        t = float(still["exposure_time"])
+        return background["rate"][pixels] * t, background["rate_variance"][pixels] * t * t
+    raise ValueError(f"unknown background mode {mode!r}")
+
+
+def still_intensities(still: dict, total: np.ndarray, background: dict | None = None, name=""):
+    """Used pixel indices, I and σ of a corrected still (dict of its arrays).
+
+    ``total`` is the per-detector multiplier (all pixels); ``background`` the
+    background-map dict when the still uses one.
+    """
+    pixels = used_pixels(still["mask_bits"], still["n_pixels"])
+    counts = unpack_counts(still)
+    if len(pixels) != len(counts):
+        raise ValueError(f"{name}: {len(counts)} counts for {len(pixels)} used pixels")
+    bg, bg_var = still_background(still, pixels, background)
+    intensity, sigma = corrected_intensity(
+        counts,
+        total[pixels],
+        float(still["exposure_time"]),
+        gain=float(still["gain"]),
+        background=bg,
+        background_variance=bg_var,
+    )
+    return pixels, intensity, sigma
+
+
+_DEFAULT_CACHE: dict = {}
+
+
+def _cached(cache: dict, path: str, load):
+    """``load()`` memoised on (path, mtime, size); a rewritten file is reread.
+
+    The module's default cache keeps only the most recent two files, so a
+    caller that passes no cache gets per-detector reuse without growing memory.
+    """
+    import os
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in cache:
+        if cache is _DEFAULT_CACHE and len(cache) >= 2:
+            cache.pop(next(iter(cache)))
+        cache[key] = load()
+    return cache[key]
+
+
+def load_observations(corrected_file, cache: dict | None = None, with_pixels: bool = False) -> dict:
+    """Observations of one corrected still, for diffuse.merge.
+
+    Reads ``corrected_file`` (schema diffuse.correct/1) and the
+    ``factors_<key>.npz`` (and ``background.npz`` if used) beside it.
+    Returns a dict:
+
+    * ``hkl`` (N, 3) float64: fractional Miller indices ``A⁻¹ (s1 − s0)``;
+    * ``I`` (N,) float64: photons per microsteradian per second;
+    * ``sigma`` (N,) float64: Poisson σ of ``I``;
+    * ``d_star`` (N,) float64: |q| = 1/d (Å⁻¹);
+    * ``still_id`` (str): the still's name (file stem);
+    * ``experiment_index`` (int);
+    * ``pixel`` (N,) int64 pixel indices, if ``with_pixels``.
+
+    ``cache`` (a dict kept by the caller) avoids rereading the per-detector
+    factors for every still; without one a small module-level cache is used.
+    Entries are keyed by path, mtime and size, so rewritten files are reread.
+    """
+    import os
+
+    from diffuse_cli.geometry import hkl_from_q
+
+    cache = _DEFAULT_CACHE if cache is None else cache
+    still = load_npz(corrected_file, CORRECT_SCHEMA)
+    directory = os.path.dirname(os.path.abspath(corrected_file))
+    fpath = os.path.join(directory, str(still["factors_file"]))
+    factors = _cached(cache, fpath, lambda: {k: v for k, v in load_npz(fpath, FACTORS_SCHEMA).items() if k in ("s1", "s0", "total")})
+    background = None
+    if str(still["background_mode"]) == "map":
+        bpath = os.path.join(directory, str(still["background_file"]))
+        background = _cached(cache, bpath, lambda: load_npz(bpath, BACKGROUND_SCHEMA))
+
+    pixels, intensity, sigma = still_intensities(still, factors["total"], background, name=corrected_file)
+    q = factors["s1"][pixels].astype(np.float64) - factors["s0"]
+    out = {
+        "hkl": hkl_from_q(q, still["A"]),
+        "I": intensity,
+        "sigma": sigma,
+        "d_star": np.linalg.norm(q, axis=1),
+        "still_id": str(still["still_id"]),
+        "experiment_index": int(still["experiment_index"]),
+    }
+    if with_pixels:
+        out["pixel"] = pixels
+    return out

@@ -1,0 +1,143 @@
+"""Writing a merged map: merged.npz, CCP4/MRC map, PNG sections and I(|q|).
+
+CCP4 map convention (reciprocal space): the map's "unit cell" is the
+reciprocal cell scaled to the grid, ``(n_h·a*/ndiv, n_k·b*/ndiv, n_l·c*/ndiv,
+α*, β*, γ*)`` with lengths in Å⁻¹ written where a map normally has Å, so one
+grid step is ``a*/ndiv`` and the voxel at grid index (−h_max·ndiv, …) is the
+origin of the array; the point h = k = l = 0 is at the coordinate origin.
+ChimeraX, Coot and PyMOL read it as an ordinary density map. Unmeasured
+voxels are written as 0 (CCP4 has no missing-value marker); merged.npz keeps
+NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+import diffuse_cli  # noqa: F401  (DIALS environment)
+from diffuse_cli import program
+from diffuse_cli.grid import HKLGrid
+from diffuse_cli.symmetry import b_matrix
+
+logger = logging.getLogger("diffuse.map_output")
+
+SCHEMA = "diffuse.merge/1"
+
+
+def write_merged_npz(path, grid: HKLGrid, I, sigma, counts, unit_cell, space_group: str,
+                     **provenance) -> None:
+    """merged.npz (schema diffuse.merge/1): I, sigma, counts [h,k,l], axes and provenance."""
+    h, k, l = grid.axes()
+    program.write_npz(
+        path,
+        schema=np.array(SCHEMA),
+        I=np.asarray(I, dtype=np.float32).reshape(grid.shape),
+        sigma=np.asarray(sigma, dtype=np.float32).reshape(grid.shape),
+        counts=np.asarray(counts, dtype=np.int64).reshape(grid.shape),
+        h=h, k=k, l=l,
+        ndiv=np.asarray(grid.ndiv, dtype=np.int64),
+        unit_cell=np.asarray(unit_cell, dtype=np.float64),
+        space_group=np.array(str(space_group)),
+        **{key: np.asarray(v) for key, v in provenance.items()},
+    )
+
+
+def map_unit_cell(grid: HKLGrid, unit_cell) -> tuple:
+    """The CCP4 'cell' of the reciprocal-space map (see module doc)."""
+    from cctbx import uctbx
+
+    rp = uctbx.unit_cell(tuple(unit_cell)).reciprocal_parameters()
+    shape = grid.shape
+    return tuple(shape[i] * rp[i] / grid.ndiv[i] for i in range(3)) + tuple(rp[3:])
+
+
+def write_ccp4(path, grid: HKLGrid, values: np.ndarray, unit_cell, title: str = "diffuse.merge") -> None:
+    """Write a dense [h,k,l] map as CCP4/MRC via iotbx.ccp4_map (NaN → 0)."""
+    import iotbx.ccp4_map
+    from cctbx import sgtbx, uctbx
+    from scitbx.array_family import flex
+
+    v = np.nan_to_num(np.asarray(values, dtype=np.float64).reshape(grid.shape), nan=0.0)
+    data = flex.double(np.ascontiguousarray(v).ravel())
+    off = [m * n for m, n in zip(grid.hkl_max, grid.ndiv)]
+    data.reshape(flex.grid(tuple(-o for o in off), tuple(o + 1 for o in off)))
+    cell = uctbx.unit_cell(map_unit_cell(grid, unit_cell))
+    with program.atomic_path(path) as tmp:
+        iotbx.ccp4_map.write_ccp4_map(
+            file_name=tmp, unit_cell=cell, space_group=sgtbx.space_group_info("P1").group(),
+            map_data=data, labels=flex.std_string([title[:80]]))
+
+
+def _section(values, grid, plane: str):
+    """2D section through 0 of the dense map and its two axis labels/vectors."""
+    v = values.reshape(grid.shape)
+    off = [m * n for m, n in zip(grid.hkl_max, grid.ndiv)]
+    axes = grid.axes()
+    if plane == "hk0":
+        return v[:, :, off[2]], (0, 1), (axes[0], axes[1]), ("h", "k")
+    if plane == "h0l":
+        return v[:, off[1], :], (0, 2), (axes[0], axes[2]), ("h", "l")
+    if plane == "0kl":
+        return v[off[0], :, :], (1, 2), (axes[1], axes[2]), ("k", "l")
+    raise ValueError(plane)
+
+
+def plot_section(path, grid: HKLGrid, values: np.ndarray, unit_cell, plane: str,
+                 title: str = "", percentiles=(1.0, 99.0)) -> None:
+    """PNG of a central section in Cartesian reciprocal coordinates (Å⁻¹), true aspect."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sec, (i0, i1), (ax0, ax1), (n0, n1) = _section(values, grid, plane)
+    B = b_matrix(unit_cell)
+    e0 = B[:, i0] / np.linalg.norm(B[:, i0])
+    u1 = B[:, i1] - (B[:, i1] @ e0) * e0
+    e1 = u1 / np.linalg.norm(u1)
+    # voxel edges (n+1 per axis), mapped to Cartesian reciprocal space
+    def edges(a):
+        step = a[1] - a[0] if len(a) > 1 else 1.0
+        return np.concatenate([a - step / 2, [a[-1] + step / 2]])
+
+    H0, H1 = np.meshgrid(edges(ax0), edges(ax1), indexing="ij")
+    q = H0[..., None] * B[:, i0] + H1[..., None] * B[:, i1]
+    X, Y = q @ e0, q @ e1
+    finite = sec[np.isfinite(sec)]
+    fig, ax = plt.subplots(figsize=(6, 5.4))
+    ax.set_facecolor("0.75")
+    if finite.size:
+        vmin, vmax = np.percentile(finite, percentiles)
+        mesh = ax.pcolormesh(X, Y, np.ma.masked_invalid(sec), shading="flat",
+                             vmin=vmin, vmax=vmax, cmap="viridis")
+        fig.colorbar(mesh, ax=ax, label="I")
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"along {n0}* (Å⁻¹)")
+    ax.set_ylabel(f"⊥ {n0}* in the {plane} plane (Å⁻¹)")
+    ax.set_title(title or f"{plane} section")
+    program.save_figure(path, fig)
+
+
+def plot_radial(path, d_star: np.ndarray, mean_I: np.ndarray, label: str = "⟨I⟩",
+                ylabel: str = "I (merged units)") -> None:
+    """I(|q|): shell-averaged intensity against d* (Å⁻¹), with d on a top axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ok = np.isfinite(mean_I)
+    ax.plot(d_star[ok], mean_I[ok], "k.-", ms=3, lw=1, label=label)
+    ax.set_xlabel("|q| = d* = 1/d (Å⁻¹)")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, float(np.max(d_star)) * 1.02)
+    sec = ax.secondary_xaxis(
+        "top", functions=(lambda x: 1.0 / np.maximum(x, 1e-3), lambda d: 1.0 / np.maximum(d, 1e-3)))
+    xmax = float(np.max(d_star))
+    sec.set_xticks([d for d in (20, 10, 6, 4, 3, 2.5, 2, 1.6, 1.3, 1.0, 0.8) if 1.0 / d <= xmax * 1.02])
+    sec.set_xlabel("d (Å)")
+    ax.legend(fontsize=8)
+    program.save_figure(path, fig)

@@ -1,0 +1,494 @@
+"""Peak fits to 1D profiles and the orientational order parameter S.
+
+Models (x in the profile's own unit: q_inv_angstrom for radial profiles,
+degrees of χ for azimuthal ones):
+
+* ``pseudo_voigt`` (radial): ``y = h·[η L(x) + (1 − η) G(x)] + b0 + b1 (x − x0)``
+  with ``G = exp(−4 ln2 (x − x0)²/w²)``, ``L = 1/(1 + 4 (x − x0)²/w²)``, both
+  of height 1 at ``x0``; ``w`` is the FWHM, ``η ∈ [0, 1]``.
+* ``pseudo_voigt`` (azimuthal): the same peak in the wrapped angle
+  ``θ = wrap(χ − χ0)`` (periodic), with its partner at ``χ0 + 180°`` when
+  ``pair=True`` (apolar order), on a constant background.
+* ``maier_saupe`` (azimuthal): ``y = b0 + h·exp(m (cos²(χ − χ0) − 1))``, an
+  orientation distribution ``f(θ) ∝ exp(m cos² θ)`` about the director at χ0.
+
+Order parameter ``S = ⟨P₂(cos θ)⟩ = ∫₀^π f(θ) P₂(cos θ) sin θ dθ / ∫₀^π f(θ) sin θ dθ``
+with θ the angle from the **fitted centre**, so S never depends on where the
+peak sits on the detector. For Maier–Saupe it has the closed form
+``S = 3/(4√m·D(√m)) − 3/(4m) − 1/2`` (D = Dawson's function,
+``scipy.special.dawsn``), continued to m ≤ 0. For a pseudo-Voigt, S is
+integrated numerically from the fitted shape (FWHM in radians, η). Identifying
+the detector azimuth with the polar angle from the director is the usual
+approximation for a director in the detector plane at small scattering angle.
+
+``S`` describes the fitted peak alone (the oriented component). ``S_total``
+is ⟨P₂⟩ of the whole fitted I(χ), counting the constant background as an
+isotropic population (S_total = S × oriented fraction); it is the one that
+stays 0 for an isotropic sample, where the peak (and so S) is undetermined
+and the fit says "anisotropy not significant".
+
+Uncertainties come from the covariance of the weighted least-squares fit
+(``scipy.optimize.curve_fit``, ``absolute_sigma=True`` when σ is given), S's by
+propagating that covariance. R² = 1 − SS_res/SS_tot is computed on the
+unsmoothed data (smoothing, if asked, is used only for starting values). A fit
+that fails returns ``success=False`` with the reason; it never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import optimize, special
+
+logger = logging.getLogger("diffuse.profile_fitting")
+
+FOUR_LN2 = 4.0 * np.log(2.0)
+
+
+# ------------------------------------------------------------------ shapes
+
+
+def wrap_degrees(angle):
+    """Wrap angles (degrees) into [−180, 180)."""
+    return (np.asarray(angle, dtype=np.float64) + 180.0) % 360.0 - 180.0
+
+
+def pseudo_voigt_shape(dx, fwhm, eta):
+    """η·Lorentzian + (1 − η)·Gaussian of FWHM ``fwhm``, height 1 at dx = 0."""
+    t = (dx / fwhm) ** 2
+    return eta / (1.0 + 4.0 * t) + (1.0 - eta) * np.exp(-FOUR_LN2 * t)
+
+
+def pseudo_voigt_linear(x, height, centre, fwhm, eta, b0, b1):
+    """Pseudo-Voigt peak on a linear background (radial profiles)."""
+    dx = x - centre
+    return height * pseudo_voigt_shape(dx, fwhm, eta) + b0 + b1 * dx
+
+
+def pseudo_voigt_azimuthal(chi_deg, height, centre, fwhm, eta, b0, pair=True):
+    """Periodic pseudo-Voigt in χ (degrees), optionally with a partner at +180°."""
+    y = pseudo_voigt_shape(wrap_degrees(chi_deg - centre), fwhm, eta)
+    if pair:
+        y = y + pseudo_voigt_shape(wrap_degrees(chi_deg - centre - 180.0), fwhm, eta)
+    return height * y + b0
+
+
+def maier_saupe(chi_deg, height, centre, m, b0):
+    """``b0 + h·exp(m (cos²(χ − χ0) − 1))``, χ in degrees (height h at χ0 for m > 0)."""
+    c = np.cos(np.radians(chi_deg - centre))
+    return b0 + height * np.exp(m * (c * c - 1.0))
+
+
+# ------------------------------------------------------------------ order parameter
+
+
+def _x2_series(m: float, terms: int = 30) -> float:
+    """⟨cos²θ⟩ for f ∝ exp(m cos²θ) by the power series of Z(m) = ∫₀¹ e^{m x²} dx."""
+    n = np.arange(terms)
+    fact = special.factorial(n)
+    z = np.sum(m**n / (fact * (2 * n + 1)))
+    dz = np.sum(m**n / (fact * (2 * n + 3)))  # dZ/dm = ∫ x² e^{m x²}
+    return dz / z
+
+
+def maier_saupe_S(m):
+    """S = ⟨P₂(cos θ)⟩ for f(θ) ∝ exp(m cos² θ) (weight sin θ), any real m.
+
+    m > 0: ``3/(4√m·D(√m)) − 3/(4m) − 1/2`` (Dawson's function D).
+    m < 0 (k = √−m): ⟨cos²θ⟩ = 1/(2k²) − e^{−k²}/(k√π erf k).
+    |m| < 0.5: power series (avoids cancellation near the isotropic m = 0).
+    """
+    m_arr = np.atleast_1d(np.asarray(m, dtype=np.float64))
+    out = np.empty_like(m_arr)
+    for i, mi in enumerate(m_arr):
+        if abs(mi) < 0.5:
+            x2 = _x2_series(mi)
+            out[i] = 1.5 * x2 - 0.5
+        elif mi > 0:
+            r = np.sqrt(mi)
+            out[i] = 3.0 / (4.0 * r * special.dawsn(r)) - 3.0 / (4.0 * mi) - 0.5
+        else:
+            k = np.sqrt(-mi)
+            x2 = 1.0 / (2.0 * k * k) - np.exp(-k * k) / (k * np.sqrt(np.pi) * special.erf(k))
+            out[i] = 1.5 * x2 - 0.5
+    return out if np.ndim(m) else float(out[0])
+
+
+def order_parameter_odf(f_of_theta, n: int = 20001) -> float:
+    """S = ∫₀^π f P₂(cos θ) sin θ dθ / ∫₀^π f sin θ dθ by Simpson's rule.
+
+    ``f_of_theta`` takes θ in radians (angle from the director).
+    """
+    from scipy.integrate import simpson
+
+    theta = np.linspace(0.0, np.pi, n)
+    f = f_of_theta(theta)
+    c = np.cos(theta)
+    w = f * np.sin(theta)
+    return float(simpson(w * 0.5 * (3 * c * c - 1), x=theta) / simpson(w, x=theta))
+
+
+def pseudo_voigt_S(fwhm_deg: float, eta: float) -> float:
+    """S of the ODF f(θ) = pV(θ) (FWHM in degrees, centred at θ = 0).
+
+    Adding the apolar partner pV(π − θ) gives the same S (P₂ and sin θ are
+    symmetric about π/2), so single and paired peaks share this value.
+    """
+    w = np.radians(fwhm_deg)
+    return order_parameter_odf(lambda t: pseudo_voigt_shape(t, w, eta))
+
+
+def order_parameter_from_profile(chi_deg, intensity, centre_deg: float, bin_width_deg: float | None = None) -> float:
+    """Model-free S from a binned I(χ) over the full circle, about ``centre_deg``.
+
+    ``S = Σ I_b ∫_b P₂(cos θ)|sin θ| dθ / Σ I_b ∫_b |sin θ| dθ`` with θ = χ − centre
+    and each bin integrated exactly (I constant within a bin of width
+    ``bin_width_deg``, default the median spacing of ``chi_deg``), so an
+    isotropic profile gives exactly 0 for any centre. Uses the intensity as
+    given (subtract an isotropic background first if wanted). Empty (NaN)
+    bins are skipped, which biases S when the gaps are not symmetric.
+    """
+    chi = np.asarray(chi_deg, dtype=np.float64)
+    I = np.asarray(intensity, dtype=np.float64)
+    if bin_width_deg is None:
+        bin_width_deg = float(np.median(np.diff(np.sort(chi))))
+    ok = np.isfinite(I)
+    half = np.radians(0.5 * bin_width_deg)
+    theta = np.radians(chi[ok] - centre_deg)
+
+    # continuous antiderivatives over the whole circle (period π, zero net
+    # increment for P₂|sin|, increment 2 per π for |sin|)
+    def p2_anti(t):
+        c = np.cos(np.mod(t, np.pi))
+        return 0.5 * (c - c**3)
+
+    def sin_anti(t):
+        return 1.0 - np.cos(np.mod(t, np.pi)) + 2.0 * np.floor(t / np.pi)
+
+    num = np.sum(I[ok] * (p2_anti(theta + half) - p2_anti(theta - half)))
+    den = np.sum(I[ok] * (sin_anti(theta + half) - sin_anti(theta - half)))
+    return float(num / den)
+
+
+# ------------------------------------------------------------------ fitting
+
+
+@dataclass
+class FitResult:
+    """Result of one fit. Parameters and 1σ errors are keyed by name.
+
+    Units: ``centre``/``fwhm`` in the x unit of the profile (q_inv_angstrom or
+    degrees); ``height``/``b0`` in intensity units; ``b1`` intensity per x
+    unit; ``m`` and ``eta``, ``S`` dimensionless.
+    """
+
+    model: str
+    success: bool
+    message: str = ""
+    params: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    r_squared: float = float("nan")
+    chi2_reduced: float = float("nan")
+    n_points: int = 0
+    S: float = float("nan")
+    S_error: float = float("nan")
+    S_total: float = float("nan")
+    S_total_error: float = float("nan")
+    x: np.ndarray | None = None
+    y_model: np.ndarray | None = None
+
+    def row(self) -> dict:
+        """Flat dict for the tidy fits table."""
+        out = {
+            "model": self.model,
+            "success": bool(self.success),
+            "message": self.message,
+            "n_points": self.n_points,
+            "r_squared": self.r_squared,
+            "chi2_reduced": self.chi2_reduced,
+        }
+        for name in ("centre", "fwhm", "height", "eta", "m", "b0", "b1"):
+            out[name] = self.params.get(name, float("nan"))
+            out[name + "_error"] = self.errors.get(name, float("nan"))
+        out["S"] = self.S
+        out["S_error"] = self.S_error
+        out["S_total"] = self.S_total
+        out["S_total_error"] = self.S_total_error
+        return out
+
+
+def _prepare(x, y, sigma):
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    s = None
+    if sigma is not None:
+        s = np.asarray(sigma, dtype=np.float64)
+        ok &= np.isfinite(s) & (s > 0)
+        s = s[ok]
+    return x[ok], y[ok], s
+
+
+def smooth(y, window: int) -> np.ndarray:
+    """Moving average (odd window, edges reflected). For starting values only."""
+    if window is None or window <= 1:
+        return np.asarray(y, dtype=np.float64)
+    window = int(window) | 1
+    pad = window // 2
+    yp = np.pad(np.asarray(y, dtype=np.float64), pad, mode="reflect")
+    return np.convolve(yp, np.ones(window) / window, mode="valid")
+
+
+def _smooth_periodic(y, window: int) -> np.ndarray:
+    if window is None or window <= 1:
+        return np.asarray(y, dtype=np.float64)
+    window = int(window) | 1
+    pad = window // 2
+    yp = np.concatenate([y[-pad:], y, y[:pad]])
+    return np.convolve(yp, np.ones(window) / window, mode="valid")
+
+
+def _finish(model, names, func, popt, pcov, x, y, s, n_free) -> FitResult:
+    yfit = func(x, *popt)
+    ss_res = float(np.sum((y - yfit) ** 2))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    dof = max(len(x) - n_free, 1)
+    chi2 = float(np.sum(((y - yfit) / s) ** 2)) / dof if s is not None else ss_res / dof
+    errors = np.sqrt(np.diag(pcov)) if pcov is not None and np.all(np.isfinite(pcov)) else np.full(len(popt), np.nan)
+    message = "" if np.all(np.isfinite(errors)) else "covariance could not be estimated"
+    return FitResult(
+        model=model,
+        success=True,
+        message=message,
+        params=dict(zip(names, map(float, popt))),
+        errors=dict(zip(names, map(float, errors))),
+        r_squared=r2,
+        chi2_reduced=chi2,
+        n_points=len(x),
+        x=x,
+        y_model=yfit,
+    )
+
+
+def _total_order_parameter(res: FitResult, func, popt, pcov, centre_index) -> None:
+    """S_total: ⟨P₂⟩ of the whole fitted I(χ), background counted as isotropic.
+
+    f(θ) = fitted model at χ0 + θ (θ from the fitted centre), so it does not
+    depend on where the peak sits; its error propagates the full covariance.
+    """
+
+    def s_total(p):
+        c = p[centre_index] if centre_index is not None else res.params["centre"]
+        return order_parameter_odf(lambda t: func(c + np.degrees(t), *p), n=4001)
+
+    popt = np.asarray(popt, dtype=np.float64)
+    res.S_total = s_total(popt)
+    if pcov is None or not np.all(np.isfinite(pcov)):
+        return
+    g = np.zeros(len(popt))
+    for i in range(len(popt)):
+        step = 1e-6 * max(abs(popt[i]), 1e-3)
+        hi, lo = popt.copy(), popt.copy()
+        hi[i] += step
+        lo[i] -= step
+        g[i] = (s_total(hi) - s_total(lo)) / (2 * step)
+    res.S_total_error = float(np.sqrt(max(g @ pcov @ g, 0.0)))
+
+
+def _flag_insignificant(res: FitResult) -> None:
+    """Note in the message when the peak height is below 3σ (S is then unreliable)."""
+    h, e = res.params.get("height", np.nan), res.errors.get("height", np.nan)
+    if np.isfinite(e) and e > 0 and abs(h) < 3 * e:
+        note = f"anisotropy not significant (height/sigma = {abs(h) / e:.2g})"
+        res.message = f"{res.message}; {note}" if res.message else note
+
+
+def _curve_fit(func, x, y, s, p0, bounds):
+    with warnings.catch_warnings():
+        # a singular covariance is reported through NaN errors instead
+        warnings.simplefilter("ignore", optimize.OptimizeWarning)
+        return optimize.curve_fit(
+            func, x, y, p0=p0, sigma=s, absolute_sigma=s is not None, bounds=bounds, max_nfev=1000, x_scale="jac"
+        )
+
+
+def _failed(model, message, n) -> FitResult:
+    logger.warning("%s fit failed: %s", model, message)
+    return FitResult(model=model, success=False, message=message, n_points=n)
+
+
+def fit_pseudo_voigt(x, y, sigma=None, x_range=None, smooth_window: int = 0) -> FitResult:
+    """Pseudo-Voigt + linear background on a radial profile (x in q_inv_angstrom).
+
+    x_range: optional (lo, hi) restricting the fit.
+    """
+    x, y, s = _prepare(x, y, sigma)
+    if x_range is not None:
+        sel = (x >= x_range[0]) & (x <= x_range[1])
+        x, y, s = x[sel], y[sel], (s[sel] if s is not None else None)
+    names = ["height", "centre", "fwhm", "eta", "b0", "b1"]
+    if len(x) < 8:
+        return _failed("pseudo_voigt", f"only {len(x)} valid points", len(x))
+    ys = smooth(y, smooth_window)
+    span = x.max() - x.min()
+    # linear background through the ends, peak at the maximum above it
+    n_end = max(2, len(x) // 10)
+    xa, ya = x[:n_end].mean(), ys[:n_end].mean()
+    xb, yb = x[-n_end:].mean(), ys[-n_end:].mean()
+    slope = (yb - ya) / (xb - xa) if xb > xa else 0.0
+    base = ya + slope * (x - xa)
+    i = int(np.argmax(ys - base))
+    c0 = x[i]
+    h0 = max(float(ys[i] - base[i]), 1e-12 * max(1.0, abs(float(ys[i]))))
+    above = (ys - base) >= 0.5 * h0
+    # FWHM from the contiguous half-maximum run around the maximum
+    lo = i
+    while lo > 0 and above[lo - 1]:
+        lo -= 1
+    hi = i
+    while hi < len(x) - 1 and above[hi + 1]:
+        hi += 1
+    w0 = max(x[hi] - x[lo], 2 * np.median(np.diff(x)))
+    b00 = ya + slope * (c0 - xa)
+    p0 = [h0, c0, w0, 0.5, b00, slope]
+    bounds = ([-np.inf, x.min(), 1e-3 * w0, 0.0, -np.inf, -np.inf], [np.inf, x.max(), 2 * span, 1.0, np.inf, np.inf])
+    try:
+        popt, pcov = _curve_fit(pseudo_voigt_linear, x, y, s, p0, bounds)
+    except (RuntimeError, ValueError) as e:
+        return _failed("pseudo_voigt", str(e).splitlines()[0], len(x))
+    return _finish("pseudo_voigt", names, pseudo_voigt_linear, popt, pcov, x, y, s, len(names))
+
+
+def _centre_guess(chi, ys, period: float) -> float:
+    """Argmax of the profile folded with the given period (degrees)."""
+    i = int(np.argmax(ys))
+    c = chi[i]
+    return float(wrap_degrees(c)) if period == 360 else float(((c + 90.0) % 180.0) - 90.0)
+
+
+def fit_pseudo_voigt_azimuthal(chi_deg, y, sigma=None, pair: bool = True, smooth_window: int = 0) -> FitResult:
+    """Periodic pseudo-Voigt (and partner at +180° if ``pair``) + constant background.
+
+    chi_deg in degrees; returns centre (degrees, wrapped to [−180, 180) or
+    [−90, 90) for a pair), fwhm (degrees), eta, height, b0, and S with its error.
+    """
+    x, y, s = _prepare(chi_deg, y, sigma)
+    names = ["height", "centre", "fwhm", "eta", "b0"]
+    model = "pseudo_voigt"
+    if len(x) < 8:
+        return _failed(model, f"only {len(x)} valid points", len(x))
+    ys = _smooth_periodic(y, smooth_window)
+    c0 = _centre_guess(x, ys, 180 if pair else 360)
+    b0 = float(np.percentile(ys, 10))
+    h0 = max(float(ys.max() - b0), 1e-12 * max(1.0, abs(b0)))
+    above = np.sum(ys - b0 >= 0.5 * h0) * (360.0 / len(x))
+    w0 = float(np.clip(above / (2 if pair else 1), 2.0, 170.0))
+
+    def func(xx, h, c, w, eta, bb):
+        return pseudo_voigt_azimuthal(xx, h, c, w, eta, bb, pair=pair)
+
+    # an orientation distribution is not negative: height >= 0
+    bounds = ([0.0, c0 - 180.0, 0.05, 0.0, -np.inf], [np.inf, c0 + 180.0, 720.0, 1.0, np.inf])
+    # a few starting widths; the best χ² wins (a lone spike must not win by default)
+    best, errors = None, []
+    for w_start in sorted({w0, 20.0, 60.0}):
+        try:
+            popt, pcov = _curve_fit(func, x, y, s, [h0, c0, w_start, 0.5, b0], bounds)
+        except (RuntimeError, ValueError) as e:
+            errors.append(str(e).splitlines()[0])
+            continue
+        r = y - func(x, *popt)
+        cost = float(np.sum((r / s) ** 2) if s is not None else np.sum(r * r))
+        if best is None or cost < best[0]:
+            best = (cost, popt, pcov)
+    if best is None:
+        return _failed(model, "; ".join(sorted(set(errors))), len(x))
+    _, popt, pcov = best
+    res = _finish(model, names, func, popt, pcov, x, y, s, len(names))
+    period = 180.0 if pair else 360.0
+    res.params["centre"] = float((res.params["centre"] + period / 2) % period - period / 2)
+    res.S = pseudo_voigt_S(res.params["fwhm"], res.params["eta"])
+    # propagate (fwhm, eta) covariance by finite differences
+    if np.all(np.isfinite(pcov)):
+        w, eta = res.params["fwhm"], res.params["eta"]
+        dw = 1e-4 * max(w, 1e-3)
+        de = 1e-4
+        gw = (pseudo_voigt_S(w + dw, eta) - pseudo_voigt_S(w - dw, eta)) / (2 * dw)
+        e_hi, e_lo = min(eta + de, 1.0), max(eta - de, 0.0)
+        ge = (pseudo_voigt_S(w, e_hi) - pseudo_voigt_S(w, e_lo)) / (e_hi - e_lo)
+        g = np.array([gw, ge])
+        cov = pcov[np.ix_([2, 3], [2, 3])]
+        res.S_error = float(np.sqrt(max(g @ cov @ g, 0.0)))
+    _total_order_parameter(res, func, popt, pcov, 1)
+    _flag_insignificant(res)
+    return res
+
+
+def fit_maier_saupe(chi_deg, y, sigma=None, smooth_window: int = 0, centre: float | None = None) -> FitResult:
+    """Maier–Saupe ``b0 + h·exp(m (cos²(χ − χ0) − 1))`` on I(χ) (χ in degrees).
+
+    centre: fix χ0 (degrees) instead of fitting it (e.g. a known director).
+    Several starting m are tried and the best χ² kept. m is bounded above so
+    the peak's FWHM (≈ 2√(ln2/m) rad) stays at least two bins wide: narrower
+    peaks are not resolved by the profile and would only fit noise.
+    S = maier_saupe_S(m) (independent of χ0), σ_S = |dS/dm|·σ_m.
+    """
+    x, y, s = _prepare(chi_deg, y, sigma)
+    model = "maier_saupe"
+    if len(x) < 6:
+        return _failed(model, f"only {len(x)} valid points", len(x))
+    ys = _smooth_periodic(y, smooth_window)
+    step = np.radians(float(np.median(np.diff(np.sort(x))))) if len(x) > 1 else np.radians(1.0)
+    m_max = float(np.log(2.0) / step**2)
+    b0 = float(np.min(ys))
+    h0 = max(float(ys.max() - b0), 1e-12 * max(1.0, abs(b0)))
+    if centre is None:
+        names = ["height", "centre", "m", "b0"]
+        c0 = _centre_guess(x, ys, 180)
+        func = maier_saupe
+        lower, upper = [0.0, c0 - 90.0, -50.0, -np.inf], [np.inf, c0 + 90.0, m_max, np.inf]
+    else:
+        names = ["height", "m", "b0"]
+        c0 = float(centre)
+
+        def func(xx, h, m, bb):
+            return maier_saupe(xx, h, c0, m, bb)
+
+        lower, upper = [0.0, -50.0, -np.inf], [np.inf, m_max, np.inf]
+    best = None
+    errors = []
+    for m0 in (0.5, 2.0, 8.0, 40.0):
+        m0 = min(m0, 0.5 * m_max)
+        p0 = [h0, c0, m0, b0] if centre is None else [h0, m0, b0]
+        try:
+            popt, pcov = _curve_fit(func, x, y, s, p0, (lower, upper))
+        except (RuntimeError, ValueError) as e:
+            errors.append(str(e).splitlines()[0])
+            continue
+        r = y - func(x, *popt)
+        cost = float(np.sum((r / s) ** 2) if s is not None else np.sum(r * r))
+        if best is None or cost < best[0]:
+            best = (cost, popt, pcov)
+    if best is None:
+        return _failed(model, "; ".join(sorted(set(errors))), len(x))
+    _, popt, pcov = best
+    res = _finish(model, names, func, popt, pcov, x, y, s, len(names))
+    if centre is None:
+        res.params["centre"] = float((res.params["centre"] + 90.0) % 180.0 - 90.0)
+    else:
+        res.params["centre"] = c0
+        res.errors["centre"] = 0.0
+    m = res.params["m"]
+    res.S = maier_saupe_S(m)
+    dm = 1e-5 * max(1.0, abs(m))
+    dS = (maier_saupe_S(m + dm) - maier_saupe_S(m - dm)) / (2 * dm)
+    res.S_error = float(abs(dS) * res.errors["m"]) if np.isfinite(res.errors["m"]) else float("nan")
+    if m >= 0.999 * m_max:
+        res.message = (res.message + "; " if res.message else "") + "peak narrower than the χ binning"
+    _total_order_parameter(res, func, popt, pcov, 1 if centre is None else None)
+    _flag_insignificant(res)
+    return res

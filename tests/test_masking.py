@@ -1,0 +1,304 @@
+"""diffuse.bragg_mask: static, dynamic and Bragg masks, and the program."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+
+import numpy as np
+import pytest
+
+import diffuse_cli  # noqa: F401
+from libtbx.utils import Sorry
+
+from diffuse_cli import extraction as ex
+from diffuse_cli import masking as mk
+from diffuse_cli.command_line import bragg_mask as bragg_cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def thaumatin(real_images, tmp_path_factory):
+    """One thaumatin still through DIALS stills_process, keeping shoeboxes (~15 s)."""
+    from dials.array_family import flex
+    from dials.command_line.stills_process import run
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    image = real_images("thaumatin_grid_stills", 1)[0]
+    out = tmp_path_factory.mktemp("thau_sp_sb")
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        run([
+            str(image),
+            "indexing.known_symmetry.space_group=P41212",
+            "indexing.known_symmetry.unit_cell=58,58,150,90,90,90",
+            "output.composite_output=True",
+            "integration.debug.output=True",
+            "integration.debug.separate_files=False",
+        ])
+    finally:
+        os.chdir(cwd)
+    expt, refl = out / "idx-0000_integrated.expt", out / "idx-0000_integrated.refl"
+    experiments = ExperimentListFactory.from_json_file(str(expt), check_format=True)
+    reflections = flex.reflection_table.from_file(str(refl))
+    return {"expt": expt, "refl": refl, "experiments": experiments, "reflections": reflections, "image": image}
+
+
+@pytest.fixture(scope="module")
+def predicted_run(thaumatin, tmp_path_factory):
+    """diffuse.bragg_mask at defaults (method=predicted) on the processed still."""
+    out = tmp_path_factory.mktemp("bm_pred")
+    args = [
+        str(thaumatin["expt"]), str(thaumatin["refl"]),
+        f"output.directory={out / 'bragg_masks'}",
+        f"output.static_mask={out / 'static.mask'}",
+        f"output.log={out / 'bm.log'}",
+        "output.png.still=0",
+        f"output.png.filename={out / 'overlay.png'}",
+        "output.png.region=1000,1300,1000,1300",
+        "untrusted.circle=1262,1307,30",  # the beamstop shadow
+    ]
+    bragg_cli.run(args)
+    summary = json.loads((out / "bragg_masks" / "summary.json").read_text())
+    return {"out": out, "summary": summary, "args": args}
+
+
+def _centroid_flat(refl, n_fast):
+    x, y, _ = refl["xyzobs.px.value"].parts()
+    return np.floor(y.as_numpy_array()).astype(int) * n_fast + np.floor(x.as_numpy_array()).astype(int)
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def _synthetic_still():
+    """A 200x200 px detector, 1 Å beam and a P1 20 Å cubic crystal."""
+    from dxtbx.model import BeamFactory, Crystal, DetectorFactory
+
+    det = DetectorFactory.simple(
+        sensor="PAD", distance=100.0, beam_centre=(17.2, 17.2), fast_direction="+x",
+        slow_direction="-y", pixel_size=(0.172, 0.172), image_size=(200, 200), trusted_range=(-1, 1e6),
+    )
+    beam = BeamFactory.simple(1.0)
+    c = 20.0
+    # rotate the cell so that lattice points do not sit on detector symmetry lines
+    from scitbx import matrix
+
+    R = matrix.col((1, 2, 3)).normalize().axis_and_angle_as_r3_rotation_matrix(0.4)
+    crystal = Crystal(R * matrix.col((c, 0, 0)), R * matrix.col((0, c, 0)), R * matrix.col((0, 0, c)), space_group_symbol="P1")
+    return det, beam, crystal
+
+
+def test_bragg_polarity_on_known_pixels():
+    """The pixel where DIALS's ray intersection puts an in-diffraction lattice
+    point is Bragg (False in the total mask); a pixel with hkl half-way between
+    lattice points is usable (True)."""
+    from cctbx import sgtbx
+
+    det, beam, crystal = _synthetic_still()
+    geom = ex.compute_geometry(det, beam)
+    A = np.array(crystal.get_A()).reshape(3, 3)
+    shape = mk.BraggShape(excitation=0.002, radius=0.003)
+    bragg = mk.predicted_bragg_mask(geom, A, sgtbx.space_group_info("P1").group(), shape)
+    total = np.ones(geom.n_pixels, dtype=bool) & ~bragg
+    # lattice points near the sphere, intersected with the panel by dxtbx
+    hkl = np.rint(geom.q() @ np.linalg.inv(A).T)
+    uniq = np.unique(hkl, axis=0)
+    G = uniq @ A.T
+    eps = mk.excitation_error(G, beam.get_s0())
+    near = uniq[(np.abs(eps) < 0.001) & np.any(uniq != 0, axis=1)]
+    assert len(near) >= 2
+    n_fast = 200
+    checked = 0
+    for h in near:
+        s1 = A @ h + np.array(beam.get_s0())
+        s1 = s1 / np.linalg.norm(s1) / beam.get_wavelength()
+        try:
+            x, y = det[0].get_ray_intersection_px(tuple(s1))
+        except RuntimeError:
+            continue
+        if 0 <= x < 200 and 0 <= y < 200:
+            assert not total[int(y) * n_fast + int(x)], h
+            checked += 1
+    assert checked >= 2
+    # a pixel whose hkl is far from every lattice point
+    frac = np.abs(geom.q() @ np.linalg.inv(A).T - hkl).min(axis=1)
+    far = np.flatnonzero(frac > 0.3)
+    assert far.size > 0 and total[far].all()
+
+
+def test_systematic_absences_respected():
+    """In P4(1)2(1)2, 00l with l != 4n is absent: never masked; 004 is masked."""
+    from cctbx import sgtbx
+    from dxtbx.model import BeamFactory, Crystal, DetectorFactory
+    from scitbx import matrix
+
+    # c along the lab x axis (perpendicular to the beam): the 00l spots lie
+    # on a line along the detector's fast axis
+    beam = BeamFactory.simple(1.0)
+    det = DetectorFactory.simple(
+        sensor="PAD", distance=100.0, beam_centre=(5.0, 30.0), fast_direction="+x",
+        slow_direction="-y", pixel_size=(0.1, 0.1), image_size=(600, 600), trusted_range=(-1, 1e6),
+    )
+    geom = ex.compute_geometry(det, beam)
+    sg = sgtbx.space_group_info("P41212").group()
+    crystal = Crystal(matrix.col((0, 50, 0)), matrix.col((0, 0, 50)), matrix.col((150, 0, 0)), space_group=sg)
+    A = np.array(crystal.get_A()).reshape(3, 3)
+    hkl = geom.q() @ np.linalg.inv(A).T
+    h0 = np.rint(hkl)
+    # big region so that the 00l points near the sphere are hit
+    shape = mk.BraggShape(excitation=0.01, radius=0.002)
+    bragg = mk.predicted_bragg_mask(geom, A, sg, shape)
+    on_00l = (h0[:, 0] == 0) & (h0[:, 1] == 0) & (h0[:, 2] != 0)
+    masked_l = set(h0[bragg & on_00l, 2].astype(int).tolist())
+    assert masked_l, "no 00l reflection in the test geometry"
+    assert all(l % 4 == 0 for l in masked_l), masked_l
+    # the same geometry in P1 masks the absent ones too
+    bragg_p1 = mk.predicted_bragg_mask(geom, A, sgtbx.space_group_info("P1").group(), shape)
+    assert any(l % 4 for l in set(h0[bragg_p1 & on_00l, 2].astype(int).tolist()))
+
+
+def test_dynamic_mask_hot_and_dead():
+    """Injected hot and dead pixels in Poisson images are found, nothing else."""
+    rng = np.random.default_rng(1)
+    shape = (100, 120)
+    geom = ex.DetectorGeometry("k", np.array([shape], dtype=np.int32), np.zeros((shape[0] * shape[1], 3), np.float32), np.zeros(3), 1.0)
+    n = geom.n_pixels
+    hot, dead = [1234, 5000], [777, 9001]
+    images = []
+    for i in range(6):
+        img = rng.poisson(8.0, n)
+        img[hot] += 200
+        img[dead] = 0
+        img[rng.integers(0, n, 20)] += 500  # "Bragg peaks" moving between images
+        images.append(img)
+    valid = np.ones(n, dtype=bool)
+    dyn, stats = mk.dynamic_mask(iter(images), geom, valid)
+    assert set(np.flatnonzero(~dyn).tolist()) == set(hot + dead)
+    assert stats == {"n_images": 6, "hot": 2, "dead": 2}
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.real_data
+def test_predicted_mask_on_thaumatin(thaumatin, predicted_run):
+    """>= 99 % of integrated reflections' centroid pixels are masked, < 10 % of
+    usable pixels are Bragg; the beamstop circle is in the static mask."""
+    out, summary = predicted_run["out"], predicted_run["summary"]
+    (entry,) = summary["stills"]
+    total = mk.read_mask(out / "bragg_masks" / entry["mask"])
+    static = mk.read_mask(out / "static.mask")
+    assert total.size == static.size == 2463 * 2527
+    assert not (total & ~static).any()  # total = static & ...
+    refl = thaumatin["reflections"]
+    flat = _centroid_flat(refl, 2463)
+    usable = static[flat]
+    assert usable.mean() > 0.8
+    masked = ~total[flat[usable]]
+    assert masked.mean() >= 0.99, masked.mean()
+    bragg_fraction = (static & ~total).sum() / static.sum()
+    assert bragg_fraction == pytest.approx(entry["bragg_fraction"], abs=0.01)  # overloads aside
+    assert bragg_fraction < 0.10
+    # beamstop circle (fast, slow, radius) masked, and the border of it not
+    yy, xx = np.divmod(np.arange(static.size), 2463)
+    inside = (xx + 0.5 - 1262) ** 2 + (yy + 0.5 - 1307) ** 2 < 25**2
+    assert not static[inside].any()
+    assert os.path.getsize(out / "overlay.png") > 10000
+
+
+@pytest.mark.real_data
+def test_static_mask_with_dials_apply_mask(thaumatin, predicted_run, tmp_path):
+    """dials.apply_mask accepts the static mask and the total mask."""
+    out = predicted_run["out"]
+    (entry,) = predicted_run["summary"]["stills"]
+    for mask in (out / "static.mask", out / "bragg_masks" / entry["mask"]):
+        result = subprocess.run(
+            ["dials.apply_mask", str(thaumatin["expt"]), f"input.mask={mask}", f"output.experiments={tmp_path / 'masked.expt'}"],
+            cwd=tmp_path, capture_output=True, text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "masked.expt").exists()
+    # the mask file is what DIALS expects: a tuple of flex.bool, one per panel
+    with open(out / "static.mask", "rb") as fh:
+        m = pickle.load(fh)
+    assert isinstance(m, tuple) and len(m) == 1 and m[0].all() == (2527, 2463)
+
+
+@pytest.mark.real_data
+def test_shoebox_mask_on_thaumatin(thaumatin, tmp_path):
+    """method=shoebox masks exactly the Foreground/Strong shoebox pixels."""
+    from dials.algorithms.shoebox import MaskCode
+
+    refl = thaumatin["reflections"]
+    expt = thaumatin["experiments"][0]
+    geom = ex.compute_geometry(expt.detector, expt.beam)
+    bragg = mk.shoebox_bragg_mask(refl, geom)
+    # independent: loop over a sample of shoeboxes with DIALS's own accessors
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(refl), 50, replace=False):
+        sb = refl["shoebox"][int(i)]
+        x0, x1, y0, y1, _, _ = sb.bbox
+        m = sb.mask.as_numpy_array()[0]
+        fg = (m & (MaskCode.Foreground | MaskCode.Strong)) != 0
+        ys, xs = np.nonzero(fg)
+        ys, xs = ys + y0, xs + x0
+        ok = (xs >= 0) & (xs < 2463) & (ys >= 0) & (ys < 2527)
+        assert bragg[ys[ok] * 2463 + xs[ok]].all()
+    assert 0.005 < bragg.mean() < 0.2
+    flat = _centroid_flat(refl, 2463)
+    assert bragg[flat].mean() > 0.99
+
+
+# ---------------------------------------------------------------- program conventions
+
+
+def test_phil_file_parses():
+    from libtbx.phil import parse
+
+    text = (REPO / "phil" / "bragg_mask.phil").read_text()
+    params = bragg_cli.phil_scope.fetch(parse(text)).extract()
+    assert params.method == "predicted"
+    assert params.output.directory == "bragg_masks"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(Sorry, match="File not found: .*nope.expt"):
+        bragg_cli.run([str(tmp_path / "nope.expt")])
+
+
+def test_missing_file_console_script(tmp_path):
+    exe = REPO / ".venv" / "bin" / "diffuse.bragg_mask"
+    if not exe.exists():
+        pytest.skip("console script not installed")
+    result = subprocess.run([str(exe), "nope.expt"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "Sorry: File not found: nope.expt"
+
+
+@pytest.mark.real_data
+def test_extract_uses_bragg_masks(thaumatin, predicted_run, tmp_path):
+    """diffuse.extract with masks.summary uses exactly total mask & trusted
+    range: integrated reflections' centroid pixels are not extracted."""
+    from diffuse_cli.command_line import extract as extract_cli
+
+    out = predicted_run["out"]
+    extract_cli.run([
+        str(thaumatin["expt"]),
+        f"masks.summary={out / 'bragg_masks' / 'summary.json'}",
+        f"output.directory={tmp_path / 'extracted'}",
+        f"output.log={tmp_path / 'ex.log'}",
+    ])
+    (entry,) = predicted_run["summary"]["stills"]
+    e = ex.read_extract(tmp_path / "extracted" / f"{entry['name']}.npz")
+    total = mk.read_mask(out / "bragg_masks" / entry["mask"])
+    raw = thaumatin["experiments"][0].imageset.get_raw_data(0)[0].as_numpy_array().ravel()
+    hi = thaumatin["experiments"][0].detector[0].get_trusted_range()[1]
+    np.testing.assert_array_equal(e.mask, total & (raw > -1) & (raw < hi))
+    flat = _centroid_flat(thaumatin["reflections"], 2463)
+    assert e.mask[flat].mean() <= 0.01
