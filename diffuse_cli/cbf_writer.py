@@ -7,12 +7,14 @@
   fraction does not: dxtbx reads 0.999 whatever the header says.
 * Several panels: a full imgCIF via ``dxtbx.format.cbf_writer.FullCBFWriter``,
   which wants an imageset; :class:`_ModelImageSet` supplies the models and the
-  pixels. We also fill ``_diffrn_scan_frame.integration_time`` (the writer puts
-  0.0) and ``_diffrn_radiation.polarizn_source_ratio``. Read back as
+  pixels, and the integer pixel arrays are added by :func:`_add_int_arrays`
+  (dxtbx 3.11's ``add_data_to_cbf`` fails on int32 data). We also fill
+  ``_diffrn_scan_frame.integration_time`` (the writer puts 0.0) and
+  ``_diffrn_radiation.polarizn_source_ratio``. Read back as
   ``FormatCBFMultiTileHierarchyStill``: panel origins/axes, pixel sizes,
   trusted ranges, wavelength and polarisation fraction round-trip; the format
   makes no scan (so no exposure time in the experiment: use
-  :func:`exposure_time`) and sets no sensor material/thickness.
+  :func:`diffuse_cli.dials_compat.exposure_time`) and sets no sensor material/thickness.
 """
 
 from __future__ import annotations
@@ -136,26 +138,3 @@ def write_image(path, detector, beam, exposure_time: float, panel_data) -> None:
         write_minicbf(path, detector, beam, exposure_time, panel_data)
     else:
         write_full_cbf(path, detector, beam, exposure_time, panel_data)
-
-
-def exposure_time(imageset, index: int = 0) -> float:
-    """Exposure time (s) of image ``index`` of an imageset, for stills too.
-
-    Proposed for diffuse_cli.dials_compat: miniCBF stills come with a
-    zero-width scan that holds the exposure time; full-CBF stills
-    (FormatCBFMultiTileHierarchyStill) have no scan, so the value is read from
-    ``_diffrn_scan_frame.integration_time`` in the file. Raises ValueError if
-    neither is available.
-    """
-    scan = imageset.get_scan() if hasattr(imageset, "get_scan") else None
-    if scan is not None:
-        return float(scan.get_exposure_times()[0 if len(scan.get_exposure_times()) == 1 else index])
-    fmt = imageset.get_format_class().get_instance(imageset.get_path(index))
-    if hasattr(fmt, "_get_cbf_handle"):
-        cbf = fmt._get_cbf_handle()
-        cbf.find_category(b"diffrn_scan_frame")
-        cbf.find_column(b"integration_time")
-        value = float(cbf.get_value())
-        if value > 0:
-            return value
-    raise ValueError(f"no exposure time for {imageset.get_path(index)}")

@@ -29,8 +29,13 @@ import numpy as np
 import diffuse_cli  # noqa: F401  (DIALS environment)
 from libtbx.utils import Sorry
 
-from diffuse_cli import program
-from diffuse_cli.geometry import s1_from_lab, setting_matrix
+from diffuse_cli import dials_compat, program
+from diffuse_cli.geometry import (
+    lab_coordinates_at,
+    pixel_lab_coordinates,
+    s1_from_lab,
+    setting_matrix,
+)
 
 logger = logging.getLogger("diffuse.extraction")
 
@@ -42,25 +47,6 @@ _ZIP_LEVEL = 1
 
 
 # ---------------------------------------------------------------- geometry
-
-
-def lab_coordinates_at(panel, fast_px, slow_px) -> np.ndarray:
-    """Lab coordinates (mm), shape (N, 3), of positions given in pixels.
-
-    ``fast_px``/``slow_px`` are dxtbx pixel coordinates (pixel centres at
-    index + 0.5). They go to mm with ``Panel.pixel_to_millimeter`` (which
-    applies parallax when the panel has a parallax-corrected strategy) and to
-    the lab frame with ``Panel.get_lab_coord``. Every position we compute —
-    pixel centres for the cache and reflection centroids in tests — goes
-    through this one function.
-    """
-    from dxtbx import flumpy
-
-    xy = np.empty((np.size(fast_px), 2), dtype=np.float64)
-    xy[:, 0] = np.ravel(fast_px)
-    xy[:, 1] = np.ravel(slow_px)
-    mm = panel.pixel_to_millimeter(flumpy.vec_from_numpy(xy))
-    return flumpy.to_numpy(panel.get_lab_coord(mm))
 
 
 def s1_at(detector, beam, panel_ids, fast_px, slow_px) -> np.ndarray:
@@ -146,11 +132,7 @@ def compute_geometry(detector, beam) -> DetectorGeometry:
     shapes, s1s = [], []
     for panel in detector:
         n_fast, n_slow = panel.get_image_size()
-        fast, slow = np.meshgrid(
-            np.arange(n_fast, dtype=np.float64) + 0.5,
-            np.arange(n_slow, dtype=np.float64) + 0.5,
-        )
-        lab = lab_coordinates_at(panel, fast, slow)
+        lab = pixel_lab_coordinates(panel).reshape(-1, 3)
         s1s.append(s1_from_lab(lab, beam.get_wavelength()).astype(np.float32))
         shapes.append((n_slow, n_fast))
     return DetectorGeometry(
@@ -327,21 +309,11 @@ def trusted_mask(detector, counts: np.ndarray, geometry: DetectorGeometry) -> np
 
 
 def exposure_time(experiment, image_index: int) -> float:
-    """Exposure time (s) of an image: from the scan, else from the format header."""
-    scan = experiment.scan
-    if scan is not None:
-        times = scan.get_exposure_times()
-        if len(times):
-            return float(times[min(image_index, len(times) - 1)])
-    iset = experiment.imageset
+    """Exposure time (s) of an image (index within the experiment's imageset)."""
     try:
-        fmt = iset.get_format_class().get_instance(iset.get_path(image_index))
-        s = fmt.get_scan()
-        if s is not None and len(s.get_exposure_times()):
-            return float(s.get_exposure_times()[0])
-    except (AttributeError, RuntimeError, OSError):
-        pass
-    return float("nan")
+        return dials_compat.exposure_time(experiment.imageset, image_index)
+    except ValueError as e:
+        raise Sorry(f"{e}: the corrections need it") from e
 
 
 # ---------------------------------------------------------------- per-still files
@@ -496,10 +468,8 @@ def used_hkl(extracted: Extracted, geometry: DetectorGeometry, q: np.ndarray | N
     """Fractional Miller indices A⁻¹q ((Nused, 3), float64) of the used pixels."""
     M_inv = np.linalg.inv(extracted.A)
     if q is None:
-        s1 = geometry.s1[_check_mask(extracted, geometry)]
-        cols = [s1[:, i].astype(np.float64) - geometry.s0[i] for i in range(3)]
-    else:
-        cols = [q[:, i] for i in range(3)]
+        q = used_q(extracted, geometry)
+    cols = [q[:, i] for i in range(3)]
     # column-wise: ~2x faster than an (N, 3) @ (3, 3) matmul in numpy
     out = np.empty((cols[0].shape[0], 3), dtype=np.float64)
     for j in range(3):

@@ -35,20 +35,30 @@ def pixel_centres_px(panel) -> np.ndarray:
     return px
 
 
-def pixel_lab_coordinates(panel) -> np.ndarray:
-    """Lab coordinates (mm) of every pixel centre, shape (n_slow, n_fast, 3).
+def lab_coordinates_at(panel, fast_px, slow_px) -> np.ndarray:
+    """Lab coordinates (mm), shape (N, 3), of positions given in pixels.
 
-    Goes pixel -> mm through ``pixel_to_millimeter`` (parallax included when
-    the panel has it), then mm -> lab with the panel's d-matrix, which is what
-    ``get_lab_coord`` does (lab = D · (x_mm, y_mm, 1)), done in numpy for speed.
+    ``fast_px``/``slow_px`` are dxtbx pixel coordinates (pixel centres at
+    index + 0.5). They go to mm with ``Panel.pixel_to_millimeter`` (parallax
+    included when the panel has a parallax-corrected strategy), then to the lab
+    frame with the panel's d-matrix, which is what ``get_lab_coord`` does
+    (lab = D · (x_mm, y_mm, 1)), in numpy for speed.
     """
-    n_fast, n_slow = panel.get_image_size()
-    px = pixel_centres_px(panel).reshape(-1, 2)
-    mm = flumpy.to_numpy(panel.pixel_to_millimeter(flumpy.vec_from_numpy(px)))
+    xy = np.empty((np.size(fast_px), 2), dtype=np.float64)
+    xy[:, 0] = np.ravel(fast_px)
+    xy[:, 1] = np.ravel(slow_px)
+    mm = flumpy.to_numpy(panel.pixel_to_millimeter(flumpy.vec_from_numpy(xy)))
     D = np.array(panel.get_d_matrix(), dtype=np.float64).reshape(3, 3)
     lab = mm @ D[:, :2].T
     lab += D[:, 2]
-    return lab.reshape(n_slow, n_fast, 3)
+    return lab
+
+
+def pixel_lab_coordinates(panel) -> np.ndarray:
+    """Lab coordinates (mm) of every pixel centre, shape (n_slow, n_fast, 3)."""
+    n_fast, n_slow = panel.get_image_size()
+    px = pixel_centres_px(panel)
+    return lab_coordinates_at(panel, px[..., 0], px[..., 1]).reshape(n_slow, n_fast, 3)
 
 
 def s1_from_lab(lab_mm: np.ndarray, wavelength: float) -> np.ndarray:

@@ -291,6 +291,38 @@ def _cc(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def anisotropic_part(values: np.ndarray, d_star_bin: np.ndarray, n_bins: int,
+                     select: np.ndarray | None = None) -> np.ndarray:
+    """values minus the mean of ``values[select]`` in their narrow d* bin."""
+    sel = np.isfinite(values) if select is None else select
+    b = d_star_bin[sel]
+    n = np.maximum(np.bincount(b, None, n_bins), 1)
+    iso = np.bincount(b, values[sel], n_bins) / n
+    return values - iso[d_star_bin]
+
+
+def map_agreement(reference: np.ndarray, I: np.ndarray, counts: np.ndarray,
+                  d_star: np.ndarray, min_counts: int = 3, n_iso_bins: int = 100) -> dict:
+    """Agreement of a merged map with a reference map on the same grid.
+
+    Uses voxels with ``counts >= min_counts`` where both are finite. Returns
+    the Pearson correlation of the total signal, of the anisotropic signal
+    (each map minus its own isotropic mean in ``n_iso_bins`` d* bins), the
+    least-squares scale ``I ≈ scale · reference`` and the number of voxels.
+    """
+    use = (counts >= min_counts) & np.isfinite(reference) & np.isfinite(I)
+    ref, val, ds = reference[use], I[use], d_star[use]
+    span = ds.max() - ds.min() if ds.size else 1.0
+    fine = np.clip(((ds - ds.min()) / (span or 1.0) * n_iso_bins).astype(np.int64), 0, n_iso_bins - 1)
+    return {
+        "n_voxels": int(use.sum()),
+        "cc_total": _cc(ref, val),
+        "cc_anisotropic": _cc(anisotropic_part(ref, fine, n_iso_bins),
+                              anisotropic_part(val, fine, n_iso_bins)),
+        "scale": float(np.dot(ref, val) / np.dot(ref, ref)) if use.any() else float("nan"),
+    }
+
+
 def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
                      d_min: float | None = None, d_max: float | None = None,
                      n_iso_bins: int = 100) -> dict:
@@ -318,12 +350,8 @@ def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
         h1 = merged.half_I[0][vox]
         h2 = merged.half_I[1][vox]
         both = np.isfinite(h1) & np.isfinite(h2)
-        fb = fine[both]
-        nb = np.maximum(np.bincount(fb, None, n_iso_bins), 1)
-        iso1 = np.bincount(fb, h1[both], n_iso_bins) / nb
-        iso2 = np.bincount(fb, h2[both], n_iso_bins) / nb
-        a1 = h1 - iso1[fine]
-        a2 = h2 - iso2[fine]
+        a1 = anisotropic_part(h1, fine, n_iso_bins, both)
+        a2 = anisotropic_part(h2, fine, n_iso_bins, both)
 
     def row(sel, d_lo, d_hi):
         m = sel & measured

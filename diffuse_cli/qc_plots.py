@@ -56,7 +56,12 @@ def plot_unit_cells(rows, path):
     fig, axes = plt.subplots(2, 3, figsize=(10, 5.5))
     for ax, name, unit in zip(axes.ravel(), ["a", "b", "c", "alpha", "beta", "gamma"], ["Å"] * 3 + ["°"] * 3):
         values = np.array([r[name] for r in ok], dtype=float)
-        if values.size:
+        if values.size and np.ptp(values) < 1e-6:
+            # fixed by the lattice symmetry: one bar (a histogram would be empty)
+            ax.bar([values.mean()], [values.size], width=0.2, color="tab:blue")
+            ax.set_xlim(values.mean() - 2, values.mean() + 2)
+            ax.set_title(f"{name} = {values.mean():.2f} {unit} (all stills)", fontsize=9)
+        elif values.size:
             ax.hist(values, bins=min(30, max(5, values.size // 2)), color="tab:blue")
             ax.set_title(f"{name} = {values.mean():.2f} ± {values.std():.2f} {unit}", fontsize=9)
         ax.set_xlabel(f"{name} ({unit})")

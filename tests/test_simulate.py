@@ -12,13 +12,12 @@ import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import diffuse_cli  # noqa: F401  (DIALS environment)
-from diffuse_cli import simulate
+from diffuse_cli import dials_compat, simulate
 from diffuse_cli.command_line import simulate as simulate_cli
 from diffuse_cli.grid import HKLGrid
 
@@ -289,7 +288,7 @@ def test_multi_panel_cbf_round_trip(tmp_path):
     assert np.ptp(np.array(normals), axis=0).max() > 1e-3
     assert expt.beam.get_wavelength() == pytest.approx(want["beam"]["wavelength_A"], abs=1e-9)
     assert expt.beam.get_polarization_fraction() == pytest.approx(0.95, abs=1e-6)
-    assert cbf_writer.exposure_time(expt.imageset, 0) == pytest.approx(0.25, abs=1e-7)
+    assert dials_compat.exposure_time(expt.imageset, 0) == pytest.approx(0.25, abs=1e-7)
     # the format does not carry the sensor: it is recorded in truth.json instead
     assert truth["sensor"] == {"material": "Si", "thickness_mm": 0.45, "carried_by_image_format": False}
 

@@ -48,7 +48,7 @@ import os
 import numpy as np
 
 import diffuse_cli  # noqa: F401  (DIALS environment before libtbx)
-from diffuse_cli import corrections, program
+from diffuse_cli import corrections, dials_compat, program
 
 from libtbx.utils import Sorry
 
@@ -316,21 +316,15 @@ def log_factors(key: str, m: dict) -> None:
 
 
 def _image_exposure_time(imageset, i, fallback):
-    scan = imageset.get_scan()
-    if scan is not None:
-        times = scan.get_exposure_times()  # one per image of this imageset
-        if i < len(times) and times[i] > 0:
-            return float(times[i])
     try:
-        fmt = imageset.get_format_class().get_instance(imageset.get_path(i))
-        fscan = fmt.get_scan()
-        if fscan is not None and fscan.get_exposure_times()[0] > 0:
-            return float(fscan.get_exposure_times()[0])
-    except (AttributeError, IndexError, RuntimeError):
-        pass  # no exposure time in the header: use the parameter
-    if fallback is None:
-        raise Sorry(f"no exposure time for background image {imageset.get_path(i)}: set background.exposure_time")
-    return float(fallback)
+        return dials_compat.exposure_time(imageset, i)
+    except ValueError:
+        if fallback is None:
+            raise Sorry(
+                f"no exposure time for background image {imageset.get_path(i)}: "
+                "set background.exposure_time"
+            )
+        return float(fallback)
 
 
 def make_background(params, path, phash) -> dict:
