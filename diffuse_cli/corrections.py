@@ -574,6 +574,7 @@ def load_observations(corrected_file, cache: dict | None = None, with_pixels: bo
     * ``hkl`` (N, 3) float64: fractional Miller indices ``A⁻¹ (s1 − s0)``;
     * ``I`` (N,) float64: photons per microsteradian per second;
     * ``sigma`` (N,) float64: Poisson σ of ``I``;
+    * ``variance_per_intensity`` (N,) float64: v1 with var(I) = v1·E[I] + (background part);
     * ``d_star`` (N,) float64: |q| = 1/d (Å⁻¹);
     * ``still_id`` (str): the still's name (file stem);
     * ``experiment_index`` (int);
@@ -603,6 +604,9 @@ def load_observations(corrected_file, cache: dict | None = None, with_pixels: bo
         "hkl": hkl_from_q(q, still["A"]),
         "I": intensity,
         "sigma": sigma,
+        # Poisson variance added per unit of corrected intensity (multiplier/t;
+        # gain cancels): lets diffuse.merge weight by EXPECTED, not observed, counts
+        "variance_per_intensity": factors["total"][pixels] / float(still["exposure_time"]),
         "d_star": np.linalg.norm(q, axis=1),
         "still_id": str(still["still_id"]),
         "experiment_index": int(still["experiment_index"]),

@@ -45,30 +45,42 @@ except ImportError:  # pragma: no cover - depends on the installation
 # ---------------------------------------------------------------- kernels
 
 
-def _kernel_py(hkl, I, sig, factor, ndiv, offset, shape, acc):
-    """One pass: hkl → voxel, skip invalid, add (w, w·I, 1) to acc[voxel] (numba-compiled).
+def _kernel_py(hkl, I, sig, factor, weight, ndiv, offset, shape, acc):
+    """One pass: hkl → voxel, skip invalid, add (w, w·I, 1, w²σ²) to acc[voxel] (numba-compiled).
 
-    acc: (n_voxels, 3) float64, interleaved so one voxel is one cache line.
+    I and σ are multiplied by ``factor`` (1/scale). ``weight``: empty for
+    inverse-variance weights w = 1/σ² (σ > 0 required), else the per-observation
+    weight (w > 0 required; σ = 0 allowed, e.g. a pixel with zero counts).
+    acc: (n_voxels, 4) float64, interleaved so one voxel is one cache line.
     """
     n0, n1, n2 = shape[0], shape[1], shape[2]
     nf = factor.shape[0]
+    has_w = weight.shape[0] > 0
     nin = 0
     for i in range(hkl.shape[0]):
         f = factor[0] if nf == 1 else factor[i]
         s = sig[i] * f
         v = I[i] * f
-        if not (s > 0.0) or not np.isfinite(v) or not np.isfinite(s):
+        if not np.isfinite(v) or not np.isfinite(s):
             continue
+        if has_w:
+            w = np.float64(weight[i])
+            if not (w > 0.0) or not np.isfinite(w) or s < 0.0:
+                continue
+        else:
+            if not (s > 0.0):
+                continue
+            w = 1.0 / (np.float64(s) * np.float64(s))
         u0 = np.int64(np.rint(hkl[i, 0] * ndiv[0])) + offset[0]
         u1 = np.int64(np.rint(hkl[i, 1] * ndiv[1])) + offset[1]
         u2 = np.int64(np.rint(hkl[i, 2] * ndiv[2])) + offset[2]
         if u0 < 0 or u0 >= n0 or u1 < 0 or u1 >= n1 or u2 < 0 or u2 >= n2:
             continue
         k = (u0 * n1 + u1) * n2 + u2
-        w = 1.0 / (np.float64(s) * np.float64(s))
         acc[k, 0] += w
         acc[k, 1] += w * np.float64(v)
         acc[k, 2] += 1.0
+        acc[k, 3] += w * w * np.float64(s) * np.float64(s)
         nin += 1
     return nin
 
@@ -90,8 +102,8 @@ def voxel_flat(grid: HKLGrid, hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat, inside
 
 
-def _kernel_numpy(grid, hkl, I, sig, factor, acc):
-    """numpy fallback: compress the chunk's voxels with np.unique, then bincount.
+def _kernel_numpy(grid, hkl, I, sig, factor, weight, acc):
+    """numpy fallback of :func:`_kernel_py`: compress the chunk's voxels with np.unique, then bincount.
 
     Avoids grid-sized temporaries per chunk (a bincount with minlength =
     n_voxels costs O(grid) per call).
@@ -100,14 +112,22 @@ def _kernel_numpy(grid, hkl, I, sig, factor, acc):
     f = factor if factor.shape[0] > 1 else factor[0]
     s = sig * f
     v = I * f
-    ok = inside & (s > 0) & np.isfinite(v) & np.isfinite(s)
+    ok = inside & np.isfinite(v) & np.isfinite(s)
+    if weight.shape[0] > 0:
+        w = weight.astype(np.float64)
+        ok &= (w > 0) & np.isfinite(w) & (s >= 0)
+    else:
+        ok &= s > 0
+        with np.errstate(divide="ignore"):
+            w = 1.0 / (s.astype(np.float64) ** 2)
     flat = flat[ok]
     s = s[ok].astype(np.float64)
-    w = 1.0 / (s * s)
+    w = w[ok]
     uniq, inv = np.unique(flat, return_inverse=True)
     acc[uniq, 0] += np.bincount(inv, w, minlength=len(uniq))
     acc[uniq, 1] += np.bincount(inv, w * v[ok].astype(np.float64), minlength=len(uniq))
     acc[uniq, 2] += np.bincount(inv, minlength=len(uniq))
+    acc[uniq, 3] += np.bincount(inv, w * w * s * s, minlength=len(uniq))
     return int(ok.sum())
 
 
@@ -117,15 +137,17 @@ def _kernel_numpy(grid, hkl, I, sig, factor, acc):
 class Accumulator:
     """Dense P1 sums over the grid for ``n_halves`` half-datasets.
 
-    ``acc`` (n_halves, n_voxels, 3) float64 holds Σ1/σ², ΣI/σ² and the count
-    (exact in float64 up to 2⁵³) interleaved per voxel: 24 bytes × n_halves
-    per voxel. ``sw``, ``swi``, ``cnt`` are views (n_halves, n_voxels).
+    ``acc`` (n_halves, n_voxels, 4) float64 holds Σw, Σw·I, the count (exact
+    in float64 up to 2⁵³) and Σw²σ² interleaved per voxel: 32 bytes ×
+    n_halves per voxel. ``sw``, ``swi``, ``cnt``, ``sw2s2`` are views
+    (n_halves, n_voxels). The merged value is Σw·I/Σw with σ = √(Σw²σ²)/Σw,
+    which is 1/√Σw for inverse-variance weights w = 1/σ².
     """
 
     def __init__(self, grid: HKLGrid, n_halves: int = 2, use_numba: bool | None = None):
         self.grid = grid
         n = grid.n_voxels
-        self.acc = np.zeros((n_halves, n, 3))
+        self.acc = np.zeros((n_halves, n, 4))
         self.use_numba = HAVE_NUMBA if use_numba is None else (use_numba and HAVE_NUMBA)
         self.n_added = 0
         self._ndiv = np.asarray(grid.ndiv, dtype=np.float64)
@@ -144,13 +166,19 @@ class Accumulator:
     def cnt(self):
         return self.acc[..., 2]
 
+    @property
+    def sw2s2(self):
+        return self.acc[..., 3]
+
     def add(self, hkl, intensity, sigma, factor=1.0, half: int = 0,
-            chunk: int = 4_000_000) -> int:
+            chunk: int = 4_000_000, weight=None) -> int:
         """Accumulate observations (hkl (N,3) fractional; I, σ (N,)).
 
         factor: scalar or (N,) multiplier applied to I and σ (1/scale).
-        Observations off the grid, with σ ≤ 0 or non-finite values are skipped.
-        Returns the number accumulated.
+        weight: None for inverse-variance weights 1/(σ·factor)², or (N,)
+        weights of the scaled observations (see :func:`model_weights`).
+        Observations off the grid, with non-finite values, or with σ ≤ 0
+        (weight None) / weight ≤ 0 are skipped. Returns the number accumulated.
         """
         hkl = np.ascontiguousarray(hkl)
         if hkl.dtype not in (np.float32, np.float64):
@@ -162,17 +190,21 @@ class Accumulator:
         if s.dtype != I.dtype:
             s = s.astype(I.dtype)
         f = np.ascontiguousarray(np.atleast_1d(np.asarray(factor, dtype=np.float64)))
+        wt = (np.empty(0) if weight is None
+              else np.ascontiguousarray(np.asarray(weight, dtype=np.float64)))
         n = len(I)
         total = 0
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             fc = f if f.shape[0] == 1 else f[a:b]
+            wc = wt if wt.shape[0] == 0 else wt[a:b]
             if self.use_numba:
                 nd = self._ndiv.astype(hkl.dtype)
-                total += _kernel_nb(hkl[a:b], I[a:b], s[a:b], fc, nd, self._offset,
+                total += _kernel_nb(hkl[a:b], I[a:b], s[a:b], fc, wc, nd, self._offset,
                                     self._shape, self.acc[half])
             else:
-                total += _kernel_numpy(self.grid, hkl[a:b], I[a:b], s[a:b], fc, self.acc[half])
+                total += _kernel_numpy(self.grid, hkl[a:b], I[a:b], s[a:b], fc, wc,
+                                       self.acc[half])
         self.n_added += total
         return total
 
@@ -199,23 +231,28 @@ class Accumulator:
         del total_cnt
         sw = np.zeros(n)
         swi = np.zeros(n)
+        sw2s2 = np.zeros(n)
         half_I = []
         for h in range(self.sw.shape[0]):
             a = np.bincount(dest, self.sw[h][touched], minlength=n)
             b = np.bincount(dest, self.swi[h][touched], minlength=n)
-            half_I.append(_mean(a, b, factor)[0].astype(np.float32))  # statistics only
+            half_I.append(_mean(a, b, None, factor)[0].astype(np.float32))  # statistics only
             sw += a
             swi += b
+            sw2s2 += np.bincount(dest, self.sw2s2[h][touched], minlength=n)
             del a, b
         del dest, touched
-        I, sig = _mean(sw, swi, factor)
+        I, sig = _mean(sw, swi, sw2s2, factor)
         return MergedMap(self.grid, lut, I, sig, cnt, half_I)
 
 
-def _mean(sw, swi, factor):
+def _mean(sw, swi, sw2s2, factor):
+    """Weighted mean Σw·I/Σw and its σ = √(Σw²σ²)/Σw (σ NaN when sw2s2 is None)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         I = np.where(sw > 0, swi / sw, np.nan) * factor
-        sig = np.where(sw > 0, 1.0 / np.sqrt(sw), np.nan) * factor
+        if sw2s2 is None:
+            return I, None
+        sig = np.where(sw > 0, np.sqrt(sw2s2) / sw, np.nan) * factor
     return I, sig
 
 
@@ -234,12 +271,6 @@ class MergedMap:
     sigma: np.ndarray
     counts: np.ndarray
     half_I: list = field(default_factory=list)
-
-    @classmethod
-    def from_sums(cls, grid, lut, sw, swi, cnt, halves, factor=1.0):
-        I, sig = _mean(sw, swi, factor)
-        half_I = [_mean(a, b, factor)[0] for a, b in halves]
-        return cls(grid, lut, I, sig, cnt, half_I)
 
     def asu_voxels(self) -> np.ndarray:
         """Flat indices of ASU-representative voxels inside the resolution range."""
@@ -463,8 +494,45 @@ def half_assignment(n_stills: int, seed: int = 0) -> np.ndarray:
     return half
 
 
-def _valid_obs(hkl, I, sig):
-    return np.isfinite(I) & np.isfinite(sig) & (sig > 0) & np.all(np.isfinite(hkl), axis=1)
+def _valid_obs(hkl, I, sig, variance_per_intensity=None):
+    """Usable observations: σ > 0, or σ >= 0 with a variance model (zero counts count)."""
+    ok = np.isfinite(I) & np.isfinite(sig) & np.all(np.isfinite(hkl), axis=1)
+    if variance_per_intensity is None:
+        return ok & (sig > 0)
+    return ok & (sig >= 0) & (variance_per_intensity > 0)
+
+
+def model_variance(intensity, sigma, variance_per_intensity, expected):
+    """Poisson variance of corrected intensities from their EXPECTED value.
+
+    Weights from each observation's own counts (σ² ∝ counts) favour the
+    pixels that fluctuated low and bias weighted means (and scales) low by
+    about 1/counts; pixels with zero counts get infinite weight. The model
+    variance is ``v1·E[I] + v0``, where ``v1`` (``variance_per_intensity``)
+    is the variance added per unit corrected intensity and ``v0 = σ² − v1·I``
+    the part from background subtraction, which does not depend on the counts.
+    ``expected`` is floored at 1e-3 of its median so that no weight is infinite.
+    """
+    v1 = np.asarray(variance_per_intensity, dtype=np.float64)
+    v0 = np.maximum(np.asarray(sigma, dtype=np.float64) ** 2 - v1 * intensity, 0.0)
+    e = np.asarray(expected, dtype=np.float64)
+    pos = e[e > 0]
+    floor = 1e-3 * float(np.median(pos)) if pos.size else 1e-12
+    return v1 * np.maximum(e, floor) + v0
+
+
+def _expected_intensity(grid, reference, hkl, I, scale_g):
+    """g·I_ref at each observation's voxel; the still's median positive I where no reference."""
+    typical = np.median(I[I > 0]) if np.any(I > 0) else 1.0
+    expected = np.full(len(I), typical, dtype=np.float64)
+    if reference is not None:
+        flat, inside = voxel_flat(grid, hkl)
+        ref = np.full(len(flat), np.nan)
+        ref[inside] = reference.gather(flat[inside])
+        have = np.isfinite(ref)
+        g = np.broadcast_to(np.asarray(scale_g, dtype=np.float64), expected.shape)
+        expected[have] = g[have] * ref[have]
+    return expected
 
 
 def scale_and_merge(
@@ -530,11 +598,12 @@ def scale_and_merge(
         for i in iterator:
             obs = source.load(i)
             hkl, I, sig = obs["hkl"], obs["I"], obs["sigma"]
+            v1 = obs.get("variance_per_intensity")
             if reindex is not None and reindex[i] is not None:
                 hkl = np.asarray(hkl) @ np.asarray(reindex[i]).astype(np.asarray(hkl).dtype)
             if reference is not None:
                 fits[i] = _fit_still(model, grid, gstar, reference, hkl, I, sig, fit_max_obs,
-                                     min_reference_counts, seed=i)
+                                     min_reference_counts, seed=i, variance_per_intensity=v1)
                 if fits[i].ok:
                     new[i] = fits[i].params
                     ok[i] = 1
@@ -549,10 +618,21 @@ def scale_and_merge(
                 h = np.asarray(hkl, dtype=np.float64)
                 dss = np.einsum("ni,ij,nj->n", h, gstar, h)
                 factor = 1.0 / model.evaluate(new[i], dss)
+            weight = None
+            model_sigma = sig
+            if v1 is not None:
+                I_f = np.asarray(I, dtype=np.float64)
+                var = model_variance(I_f, sig, v1, _expected_intensity(grid, reference, hkl, I_f, 1.0 / factor))
+                weight = 1.0 / (np.asarray(factor) ** 2 * var)
+                model_sigma = np.sqrt(var)
             if reference is not None and reject_sigma and fits[i] is not None and fits[i].ok:
-                sig = _reject(grid, reference, hkl, I, sig, factor,
-                              reject_sigma * fits[i].residual_scale)
-            acc.add(hkl, I, sig, factor, half=int(half[i]), chunk=chunk)
+                bad = _outliers(grid, reference, hkl, I, model_sigma, factor,
+                                reject_sigma * fits[i].residual_scale)
+                if weight is None:
+                    sig = np.where(bad, 0.0, sig)  # the accumulator skips σ ≤ 0
+                else:
+                    weight = np.where(bad, 0.0, weight)
+            acc.add(hkl, I, sig, factor, half=int(half[i]), chunk=chunk, weight=weight)
         acc.reduce(comm)
         if comm is not None and size > 1:
             from mpi4py import MPI
@@ -578,27 +658,24 @@ def scale_and_merge(
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
 
 
-def _reject(grid, reference, hkl, I, sig, factor, limit):
-    """σ with outliers set to 0 (the accumulator skips σ ≤ 0)."""
+def _outliers(grid, reference, hkl, I, sig, factor, limit) -> np.ndarray:
+    """Observations whose residual (I·f − I_ref)/(σ·f) exceeds ``limit`` (no reference: kept)."""
     flat, inside = voxel_flat(grid, hkl)
     ref = np.full(len(flat), np.nan)
     ref[inside] = reference.gather(flat[inside])
     f = np.asarray(factor, dtype=np.float64)
-    z = (np.asarray(I) * f - ref) / (np.asarray(sig) * f)
-    bad = np.abs(z) > limit  # NaN (no reference) compares False: kept
-    if not bad.any():
-        return sig
-    out = np.array(sig, dtype=np.float64, copy=True)
-    out[bad] = 0.0
-    return out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (np.asarray(I) * f - ref) / (np.asarray(sig) * f)
+    return np.abs(z) > limit  # NaN (no reference) compares False: kept
 
 
 def _fit_still(model, grid, gstar, reference: MergedMap, hkl, I, sig, fit_max_obs,
-               min_counts, seed) -> FitResult:
+               min_counts, seed, variance_per_intensity=None) -> FitResult:
     hkl = np.asarray(hkl)
     I = np.asarray(I, dtype=np.float64)
     sig = np.asarray(sig, dtype=np.float64)
-    sel = np.flatnonzero(_valid_obs(hkl, I, sig))
+    v1 = variance_per_intensity
+    sel = np.flatnonzero(_valid_obs(hkl, I, sig, v1))
     if len(sel) > fit_max_obs:
         sel = np.sort(np.random.default_rng(seed).choice(sel, fit_max_obs, replace=False))
     flat, inside = voxel_flat(grid, hkl[sel])
@@ -614,7 +691,8 @@ def _fit_still(model, grid, gstar, reference: MergedMap, hkl, I, sig, fit_max_ob
     sel, ref = sel[good], ref[good]
     h = hkl[sel].astype(np.float64)
     dss = np.einsum("ni,ij,nj->n", h, gstar, h)
-    return fit_scale(model, I[sel], sig[sel], ref, dss)
+    return fit_scale(model, I[sel], sig[sel], ref, dss,
+                     variance_per_intensity=None if v1 is None else np.asarray(v1)[sel])
 
 
 def _gather_fits(comm, fits, mine, n_stills):

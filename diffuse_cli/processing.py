@@ -10,11 +10,13 @@ and adds what a diffuse pipeline needs around it:
 * **route selection**: zero-oscillation images are stills. Images whose
   headers give an oscillation width > 0, or whose headers say width 0 while
   the goniometer angle advances by a constant step from one image to the next
-  (the staphylococcal nuclease frames), are *rotation frames*. In this
-  version every route ends in stills processing: rotation frames are processed
-  as stills of width ``Δφ`` (route ``rotation_as_stills``), with the stills
-  indexer's Ewald-proximity and σ_b limits raised to the values in
-  ``rotation_frames`` (see docs/stills_process.md for why);
+  (the staphylococcal nuclease frames), are *rotation frames*: they go either
+  through the ``sequence`` route (imported as one sweep, spots found,
+  indexed, refined and integrated as rotation data:
+  :func:`process_sequence_unit`) or are processed as stills of width ``Δφ``
+  (route ``rotation_as_stills``) with the stills indexer's Ewald-proximity and
+  σ_b limits raised to the values in ``rotation_frames`` (see
+  docs/stills_process.md for which and why);
 * **per-still outputs** written atomically, tagged by image name, with
   deterministic experiment identifiers (the tag), ``partiality`` and,
   optionally, shoeboxes;
@@ -266,9 +268,11 @@ def detect_rotation_steps(items: list[Item], tolerance_deg: float = 1e-3) -> Non
 def discover(paths: list[str], processing_mode: str = "auto") -> list[Item]:
     """Probe every input file and decide each image's route.
 
-    ``processing_mode`` is ``auto``, ``stills`` or ``sequence``; in this
-    version all three process rotation frames as stills of their width (route
-    ``rotation_as_stills``) and zero-width images as stills.
+    Zero-width images are always ``stills``. Rotation frames go through the
+    ``sequence`` route with ``processing_mode=sequence``, or with ``auto``
+    when the header itself gives a width > 0 (single-image files); otherwise
+    (``stills``, or ``auto`` with a header width of 0 and an advancing angle)
+    they are processed as stills of their width (``rotation_as_stills``).
     """
     items: list[Item] = []
     for p in paths:
@@ -286,7 +290,14 @@ def discover(paths: list[str], processing_mode: str = "auto") -> list[Item]:
     for it in items:
         if not it.tag:
             it.tag = os.path.splitext(os.path.basename(it.path))[0] or "input"
-        it.route = ROUTE_ROTATION_AS_STILLS if it.osc_width > 0 else ROUTE_STILLS
+        if it.osc_width <= 0:
+            it.route = ROUTE_STILLS
+        elif processing_mode == "sequence" or (
+            processing_mode == "auto" and it.header_osc_width > 0 and it.n_in_file == 1
+        ):
+            it.route = ROUTE_SEQUENCE
+        else:
+            it.route = ROUTE_ROTATION_AS_STILLS
     # tags must be unique: they name the output files and the identifiers
     counts: dict[str, int] = {}
     for it in items:
@@ -364,7 +375,12 @@ class Config:
 
 
 def stills_params_for(item: Item, params):
-    """The DIALS stills_process parameters used for this item's route."""
+    """The DIALS stills_process parameters used for this item's route.
+
+    A fresh deep copy per still: DIALS's Processor and integrator modify
+    parameters in place, and a still's result must not depend on the stills
+    processed before it in the same process.
+    """
     p = copy.deepcopy(params)
     p.output.output_dir = params.output.directory
     p.output.composite_output = True
@@ -796,58 +812,76 @@ def _init_worker(config: Config) -> None:
     logging.getLogger("diffuse").handlers.clear()
 
 
-def _work(indexed_item):
-    i, item = indexed_item
-    return i, process_item(item, _WORKER_CONFIG)
+def process_unit(unit: list[Item], config: Config) -> list:
+    """Results [(row, hist), ...] of a work unit: one still, or one sweep."""
+    if unit[0].route == ROUTE_SEQUENCE and unit[0].error is None:
+        return process_sequence_unit(unit, config)
+    return [process_item(it, config) for it in unit]
+
+
+def _work(indexed_unit):
+    i, unit = indexed_unit
+    return i, process_unit(unit, _WORKER_CONFIG)
+
+
+def _flatten(units, unit_results):
+    return [r for res in unit_results for r in res]
 
 
 def run_local(items: list[Item], config: Config, nproc: int, on_result=None) -> list:
     """Process items serially (nproc=1) or in ``nproc`` forked processes.
 
-    Results come back in input order. ``on_result(i, row)`` is called as each
-    still finishes (for progress/logging).
+    Results (row, partiality histogram) come back in input order, one per
+    item. ``on_result(i, row)`` is called as each row is ready.
     """
-    results: list = [None] * len(items)
-    if nproc <= 1 or len(items) <= 1:
-        for i, item in enumerate(items):
-            results[i] = process_item(item, config)
-            if on_result:
-                on_result(i, results[i][0])
-        return results
+    units = group_sequences(items)
+    results: list = [None] * len(units)
+
+    def report(i, res):
+        if on_result:
+            for row, _ in res:
+                on_result(i, row)
+
+    if nproc <= 1 or len(units) <= 1:
+        for i, unit in enumerate(units):
+            results[i] = process_unit(unit, config)
+            report(i, results[i])
+        return _flatten(units, results)
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(processes=min(nproc, len(items)), initializer=_init_worker, initargs=(config,),
+    with ctx.Pool(processes=min(nproc, len(units)), initializer=_init_worker, initargs=(config,),
                   maxtasksperchild=None) as pool:
-        for i, result in pool.imap_unordered(_work, list(enumerate(items)), chunksize=1):
+        for i, result in pool.imap_unordered(_work, list(enumerate(units)), chunksize=1):
             results[i] = result
-            if on_result:
-                on_result(i, result[0])
-    return results
+            report(i, result)
+    return _flatten(units, results)
 
 
 def run_mpi(items: list[Item] | None, config: Config | None, comm, on_result=None):
-    """MPI driver: rank 0 broadcasts the items; rank r takes items r, r+size, ...
+    """MPI driver: rank 0 broadcasts the items; rank r takes work units r, r+size, ...
 
     Returns the results in input order on rank 0 and None elsewhere. The same
-    :func:`process_item` runs per still as in the local drivers.
+    :func:`process_unit` runs as in the local drivers.
     """
     items, config = comm.bcast((items, config), root=0)
+    units = group_sequences(items)
     rank, size = comm.Get_rank(), comm.Get_size()
     mine = []
-    for i in range(rank, len(items), size):
-        result = process_item(items[i], config)
+    for i in range(rank, len(units), size):
+        result = process_unit(units[i], config)
         mine.append((i, result))
         if on_result:
-            on_result(i, result[0])
+            for row, _ in result:
+                on_result(i, row)
     gathered = comm.gather(mine, root=0)
     if rank != 0:
         return None
-    results: list = [None] * len(items)
+    results: list = [None] * len(units)
     for part in gathered:
         for i, result in part:
             results[i] = result
-    return results
+    return _flatten(units, results)
 
 
 # ------------------------------------------------------------- run outputs
@@ -881,9 +915,12 @@ def write_combined(rows: list[dict], directory: str, prefix: str) -> tuple[str, 
 
     experiments = ExperimentList()
     tables = []
+    seen = set()
     for row in rows:
-        if row["status"] != INDEXED:
+        # the images of a sweep share one experiment file: take it once
+        if row["status"] != INDEXED or row["experiments"] in seen:
             continue
+        seen.add(row["experiments"])
         el = ExperimentList.from_file(os.path.join(directory, row["experiments"]), check_format=False)
         refl = flex.reflection_table.from_file(os.path.join(directory, row["reflections"]))
         experiments.extend(el)
@@ -905,3 +942,239 @@ def summarise(rows: list[dict]) -> str:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     parts = ", ".join(f"{v} {k}" for k, v in counts.items())
     return f"{n} images: {parts}"
+
+
+# ------------------------------------------------------------ sequence route
+
+ROUTE_SEQUENCE = "sequence"
+
+
+def group_sequences(items: list[Item]) -> list[list[Item]]:
+    """Work units: consecutive ``sequence``-route images of one dataset form one unit.
+
+    Every other item is a unit of its own. Units keep input order.
+    """
+    units: list[list[Item]] = []
+    for it in items:
+        prev = units[-1][-1] if units else None
+        if (
+            it.route == ROUTE_SEQUENCE
+            and prev is not None
+            and prev.route == ROUTE_SEQUENCE
+            and _dataset_key(prev.path) == _dataset_key(it.path)
+            and abs(prev.osc_width - it.osc_width) < 1e-6
+            and prev.osc_start is not None
+            and it.osc_start is not None
+            and abs(it.osc_start - prev.osc_start - it.osc_width) < 1e-3
+        ):
+            units[-1].append(it)
+        else:
+            units.append([it])
+    return units
+
+
+def build_sequence_experiments(items: list[Item]):
+    """One ImageSequence experiment over the images of ``items``.
+
+    The scan is rebuilt from each image's start angle and the detected width,
+    so headers that say width 0 while the angle advances give a proper sweep.
+    """
+    import dxtbx
+    from dxtbx.imageset import ImageSetFactory
+    from dxtbx.model import ScanFactory
+    from dxtbx.model.experiment_list import Experiment, ExperimentList
+    from dxtbx.sequence_filenames import template_regex
+
+    template, first = template_regex(items[0].path)
+    indices = [template_regex(it.path)[1] for it in items]
+    if indices != list(range(first, first + len(items))):
+        raise ValueError("sequence images are not consecutively numbered")
+    fmt = dxtbx.load(items[0].path)
+    header_scan = fmt.get_scan()
+    exposure = header_scan.get_exposure_times()[0] if header_scan is not None else 0.0
+    scan = ScanFactory.make_scan(
+        (first, first + len(items) - 1),
+        [exposure] * len(items),
+        (items[0].osc_start, items[0].osc_width),
+        {i: 0.0 for i in range(first, first + len(items))},
+        deg=True,
+    )
+    imageset = ImageSetFactory.make_sequence(
+        template, indices, format_class=type(fmt), beam=fmt.get_beam(),
+        detector=fmt.get_detector(), goniometer=fmt.get_goniometer(), scan=scan,
+    )
+    return ExperimentList([Experiment(imageset=imageset, beam=imageset.get_beam(),
+                                      detector=imageset.get_detector(),
+                                      goniometer=imageset.get_goniometer(), scan=scan)])
+
+
+def sequence_params_for(params):
+    """stills_process parameters turned back to DIALS's rotation defaults."""
+    p = copy.deepcopy(params)
+    p.indexing.method = "fft3d"
+    p.indexing.stills.indexer = "sequences"
+    p.refinement.reflections.weighting_strategy.override = None
+    p.refinement.reflections.outlier.algorithm = "auto"
+    p.refinement.parameterisation.scan_varying = bool(params.sequence.scan_varying)
+    p.integration.integrator = "3d"
+    if params.output.integrated_shoeboxes:
+        p.integration.debug.output = True
+        p.integration.debug.separate_files = False
+        p.integration.debug.delete_shoeboxes = False
+    return p
+
+
+def _rotated_A(expt, frame_phi_deg: np.ndarray) -> np.ndarray:
+    """Lab-frame setting matrices S R(φ) F A(φ) (n, 3, 3) at angles φ (degrees)."""
+    gonio = expt.goniometer
+    S = np.asarray(gonio.get_setting_rotation()).reshape(3, 3)
+    F = np.asarray(gonio.get_fixed_rotation()).reshape(3, 3)
+    axis = np.asarray(gonio.get_rotation_axis_datum(), dtype=float)
+    axis /= np.linalg.norm(axis)
+    phi = np.deg2rad(frame_phi_deg)
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    R = (np.eye(3)[None] + np.sin(phi)[:, None, None] * K[None]
+         + (1 - np.cos(phi))[:, None, None] * (K @ K)[None])
+    crystal = expt.crystal
+    if crystal.num_scan_points > 0:
+        arr = np.array([expt.scan.get_array_index_from_angle(float(p)) for p in frame_phi_deg])
+        idx = np.clip(np.round(arr).astype(int), 0, crystal.num_scan_points - 1)
+        A = np.array([np.asarray(crystal.get_A_at_scan_point(int(i))).reshape(3, 3) for i in idx])
+    else:
+        A = np.broadcast_to(np.asarray(crystal.get_A()).reshape(3, 3), (len(phi), 3, 3))
+    return S[None] @ R @ F[None] @ A
+
+
+def process_sequence_unit(items: list[Item], config: Config) -> list[tuple[dict, list[int] | None]]:
+    """Import → find spots → index → refine → integrate a sweep; one row per image."""
+    from dials.algorithms.indexing.indexer import Indexer
+    from dials.algorithms.integration.integrator import create_integrator
+    from dials.algorithms.profile_model.factory import ProfileModelFactory
+    from dials.array_family import flex
+
+    params = config.params
+    directory = config.directory
+    tag = f"{items[0].tag}_sequence"
+    rows = [empty_row(it) for it in items]
+    keys = [item_key(it, config.fingerprint) for it in items]
+    group_key = hashlib.sha256("".join(keys).encode()).hexdigest()
+    if not config.overwrite:
+        record = read_done_record(directory, Item(path="", tag=tag), group_key)
+        if record is not None:
+            return [(dict(r, resumed=True), h) for r, h in zip(record["rows"], record["hists"])]
+    t0 = time.perf_counter()
+    seed_random_generators(tag)
+    sp = sequence_params_for(params)
+    stage_name = "import"
+    outputs: list[str] = []
+    hists: list = [None] * len(items)
+    try:
+        with _still_log(os.path.join(directory, "logs", f"{tag}.log")):
+            experiments = build_sequence_experiments(items)
+            stage_name = "spot finding"
+            strong = flex.reflection_table.from_observations(experiments, sp)
+            stage_name = "indexing"
+            idxr = Indexer.from_parameters(strong, experiments, params=sp)
+            idxr.index()
+            experiments, indexed = idxr.refined_experiments, idxr.refined_reflections
+            if sp.refinement.parameterisation.scan_varying:
+                stage_name = "refinement"
+                from dials.algorithms.refinement import RefinerFactory
+
+                refiner = RefinerFactory.from_parameters_data_experiments(sp, indexed, experiments)
+                refiner.run()
+                experiments = refiner.get_experiments()
+            stage_name = "integration"
+            experiments = ProfileModelFactory.create(sp, experiments, indexed)
+            predicted = flex.reflection_table.from_predictions_multi(
+                experiments, dmin=sp.prediction.d_min, dmax=sp.prediction.d_max,
+                margin=sp.prediction.margin, force_static=sp.prediction.force_static,
+            )
+            predicted.match_with_reference(indexed)
+            integrated = create_integrator(sp, experiments, predicted).integrate()
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as e:
+        if not params.dispatch.squash_errors:
+            raise
+        for row in rows:
+            row["reason"] = f"{stage_name}: {_one_line(e)}"
+        integrated = None
+    if integrated is not None:
+        expt = experiments[0]
+        expt.identifier = tag
+        for table in (integrated, indexed):
+            for k in list(table.experiment_identifiers().keys()):
+                del table.experiment_identifiers()[k]
+            table.experiment_identifiers()[0] = tag
+        uc = expt.crystal.get_unit_cell().parameters()
+        # per-frame numbers: frame of each reflection from its z centroid
+        z_idx = np.floor(indexed["xyzobs.px.value"].parts()[2].as_numpy_array()).astype(int)
+        z_int = np.floor(integrated["xyzcal.px"].parts()[2].as_numpy_array()).astype(int)
+        z0 = expt.scan.get_array_range()[0]
+        phi_obs = np.rad2deg(indexed["xyzobs.mm.value"].parts()[2].as_numpy_array())
+        # q-consistency with the rotated model at each spot's observed angle
+        lab = np.zeros((len(indexed), 3))
+        panels = indexed["panel"].as_numpy_array()
+        xyz = indexed["xyzobs.mm.value"].as_numpy_array()
+        for ip in np.unique(panels):
+            sel = panels == ip
+            mm = flex.vec2_double(flex.double(xyz[sel, 0].copy()), flex.double(xyz[sel, 1].copy()))
+            lab[sel] = expt.detector[int(ip)].get_lab_coord(mm).as_numpy_array()
+        s1 = lab / (np.linalg.norm(lab, axis=1, keepdims=True) * expt.beam.get_wavelength())
+        hkl = indexed["miller_index"].as_vec3_double().as_numpy_array()
+        A_lab = _rotated_A(expt, phi_obs)
+        q_model = np.einsum("nij,nj->ni", A_lab, hkl)
+        dq = np.linalg.norm(s1 - np.asarray(expt.beam.get_s0()) - q_model, axis=1)
+        from dials.algorithms.indexing.stills_indexer import calc_2D_rmsd_and_displacements
+
+        if "partiality" in integrated:
+            part = integrated["partiality"].as_numpy_array()
+        else:
+            part = np.zeros(0)
+        stills_dir = os.path.join(directory, "stills")
+        os.makedirs(stills_dir, exist_ok=True)
+        expt_rel = os.path.join("stills", f"{tag}_integrated.expt")
+        refl_rel = os.path.join("stills", f"{tag}_integrated.refl")
+        from dxtbx.model.experiment_list import ExperimentList
+
+        program.write_experiments(os.path.join(directory, expt_rel), ExperimentList([expt]))
+        program.write_reflections(os.path.join(directory, refl_rel), integrated)
+        outputs = [expt_rel, refl_rel]
+        for j, row in enumerate(rows):
+            f_idx = z_idx == (z0 + j)
+            f_int = z_int == (z0 + j)
+            # reflections used in refinement have predictions (xyzcal) to compare with
+            sub = indexed.select(flex.bool(f_idx) & indexed.get_flags(indexed.flags.used_in_refinement))
+            rmsd = calc_2D_rmsd_and_displacements(sub)[0] if len(sub) and "xyzcal.px" in sub else None
+            pj = part[f_int] if part.size else np.zeros(0)
+            hists[j] = np.histogram(np.clip(pj, 0, 1), bins=PARTIALITY_BINS)[0].tolist() if pj.size else None
+            row.update({
+                "status": INDEXED,
+                "reason": "",
+                "n_spots": int(np.sum(np.floor(strong["xyzobs.px.value"].parts()[2].as_numpy_array()).astype(int) == z0 + j)),
+                "n_indexed": int(f_idx.sum()),
+                "n_integrated": int(f_int.sum()),
+                "n_lattices": len(experiments),
+                "space_group": str(expt.crystal.get_space_group().info()),
+                "a": uc[0], "b": uc[1], "c": uc[2], "alpha": uc[3], "beta": uc[4], "gamma": uc[5],
+                "rmsd_px": float(rmsd) if rmsd is not None else None,
+                "delta_q_mean": float(dq[f_idx].mean()) if f_idx.any() else None,
+                "delta_q_max": float(dq[f_idx].max()) if f_idx.any() else None,
+                "mean_partiality": float(pj.mean()) if pj.size else None,
+                "partiality_model": "dials",
+                "experiments": expt_rel,
+                "reflections": refl_rel,
+            })
+            threshold = params.q_consistency.max_mean_delta_q
+            if threshold is not None and row["delta_q_mean"] is not None and row["delta_q_mean"] > threshold:
+                row["status"] = FAILED_VALIDATION
+                row["reason"] = f"q-consistency: mean |dq| {row['delta_q_mean']:.5f} > {threshold}"
+    elapsed = round(time.perf_counter() - t0, 3)
+    for row in rows:
+        row["time_s"] = elapsed
+    program.write_json(
+        done_record_path(directory, tag),
+        {"key": group_key, "rows": rows, "hists": hists, "outputs": outputs},
+    )
+    return list(zip(rows, hists))

@@ -27,6 +27,7 @@ logger = logging.getLogger("diffuse.scaling")
 
 HUBER_K = 1.345
 TUKEY_C = 4.685
+POISSON_OUTLIER_CUT = 6.0  # robust σ, with a Poisson variance model
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,15 @@ class FitResult:
 
 
 def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
-              n_irls: int = 6) -> FitResult:
+              n_irls: int = 6, variance_per_intensity=None) -> FitResult:
     """Fit g for one still: I ≈ g(d*²)·I_ref, robust weighted least squares.
 
     All arrays (N,): observed intensity, its σ, the reference intensity at the
     observation's voxel, and d*² (Å⁻²). Observations with non-finite values or
-    σ ≤ 0 must already be removed.
+    σ ≤ 0 must already be removed. With ``variance_per_intensity`` (Poisson
+    data, see :func:`diffuse_cli.merging.model_variance`), weights and
+    residuals use the variance expected from the current model g·I_ref rather
+    than each observation's own σ, which would bias g low by ~1/counts.
     """
     I = np.asarray(intensity, dtype=np.float64)
     s = np.asarray(sigma, dtype=np.float64)
@@ -86,7 +90,18 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
     if I.size < max(10, 5 * n):
         return FitResult(np.full(n, np.nan), int(I.size), np.nan, np.nan, np.nan, False)
     D = model.basis(d_star_sq) * ref[:, None]
-    w0 = 1.0 / (s * s)
+    if variance_per_intensity is not None:
+        from diffuse_cli.merging import model_variance
+
+        v1 = np.asarray(variance_per_intensity, dtype=np.float64)
+
+        def sigma_of(c):
+            return np.sqrt(model_variance(I, s, v1, D @ c if np.any(c) else ref))
+    else:
+        def sigma_of(c):
+            return s
+    s_model = sigma_of(np.zeros(n))
+    w0 = 1.0 / (s_model * s_model)
     hub = np.ones_like(I)
     # smoothness penalty: differences of neighbouring nodes, relative scale
     P = np.zeros((n, n))
@@ -104,16 +119,23 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
             c = np.linalg.solve(N + lam * P, b)
         except np.linalg.LinAlgError:
             return FitResult(np.full(n, np.nan), int(I.size), np.nan, np.nan, np.nan, False)
-        r = (I - D @ c) / s
+        s_model = sigma_of(c)
+        w0 = 1.0 / (s_model * s_model)
+        r = (I - D @ c) / s_model
         mad = 1.4826 * np.median(np.abs(r - np.median(r)))
         scale = mad if mad > 0 else (np.std(r) or 1.0)
-        if it < n_irls:
+        if variance_per_intensity is not None:
+            # Poisson residuals at a few counts are skewed: Huber/Tukey weights
+            # would cut the high tail more than the low one and bias g low.
+            # Only gross outliers are removed.
+            hub = (np.abs(r) <= POISSON_OUTLIER_CUT * scale).astype(np.float64)
+        elif it < n_irls:
             u = np.abs(r) / (HUBER_K * scale)
             hub = np.where(u <= 1.0, 1.0, 1.0 / np.maximum(u, 1e-300))
         else:
             u = r / (TUKEY_C * scale)
             hub = np.where(np.abs(u) < 1.0, (1.0 - u * u) ** 2, 0.0)
-    r = (I - D @ c) / s
+    r = (I - D @ c) / s_model
     inl = hub > 0
     rms = float(np.sqrt(np.mean(r[inl] ** 2))) if inl.any() else np.nan
     cc = float(np.corrcoef(I[inl], ref[inl])[0, 1]) if inl.sum() > 2 and np.std(ref[inl]) > 0 else np.nan

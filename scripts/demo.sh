@@ -36,9 +36,10 @@ step "6/7 diffuse.merge: 3D map, scaling, CC1/2"
 "$bin/diffuse.merge" processed/combined.expt corrected/ ndiv=3 space_group=P43212 \
   output.directory=merged
 
-step "7/7 diffuse.azimuthal_fit: radial profile and water-ring azimuthal profile of one still"
-first="$(ls sim/*.cbf | head -n 1)"
-"$bin/diffuse.azimuthal_fit" "$first" q=2.03 output.directory=azimuthal_fit
+step "7/7 diffuse.azimuthal_fit: radial profile and water-ring azimuthal profile of one still (Bragg-masked)"
+first="$(ls processed/stills/*_integrated.expt | head -n 1)"
+tag="$(basename "$first" _integrated.expt)"
+"$bin/diffuse.azimuthal_fit" "$first" "bragg_masks/${tag}_00000.mask" q=2.03 output.directory=azimuthal_fit
 
 "$bin/python" "$repo/scripts/demo_compare.py" sim/truth.npz merged/merged.npz merged/demo_vs_truth.png
 

@@ -100,17 +100,6 @@ def test_missing_file_is_one_line_sorry(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "Sorry: File not found: nowhere.cbf"
 
 
-def test_sequence_mode_not_implemented_is_a_sorry(tmp_path):
-    from libtbx.utils import Sorry
-
-    from diffuse_cli.command_line.stills_process import run
-
-    image = tmp_path / "x_0001.cbf"
-    image.write_text("x")
-    with pytest.raises(Sorry, match="processing_mode=sequence is not implemented"):
-        run([str(image), "processing_mode=sequence", f"output.log={tmp_path / 'log'}"])
-
-
 def test_default_phil_file_parses():
     import libtbx.phil
 
@@ -162,6 +151,11 @@ def test_rotation_step_detection():
     processing.detect_rotation_steps(items + stills)
     assert [it.osc_width for it in items] == [1.0] * 5
     assert [it.osc_width for it in stills] == [0.0] * 3
+    # on the sequence route, consecutive frames of a dataset form one work unit
+    for it in items:
+        it.route = processing.ROUTE_SEQUENCE
+    units = processing.group_sequences(stills[:1] + items[:2] + items[3:] + stills[1:])
+    assert [len(u) for u in units] == [1, 2, 2, 1, 1]  # the gap at frame 3 splits the sweep
 
 
 def test_bad_inputs_each_get_a_row(tmp_path):
@@ -425,6 +419,32 @@ def test_snase_frames_route_and_1deg_steps(snase):
         assert min(res[0.0], res[2.0], res[-2.0]) > 0.75, (t1, t2, res)
         signs.append(best_step)
     assert len(set(signs)) == 1  # always the same sense of rotation
+
+
+@pytest.mark.real_data
+def test_snase_sequence_route(snase):
+    """processing_mode=sequence: one sweep with the scan rebuilt from PHI."""
+    from dials.array_family import flex
+
+    out = snase["work"] / "out_sequence"
+    _run([*snase["images"], *SNASE_ARGS, "processing_mode=sequence", f"output.directory={out}"],
+         cwd=snase["work"])
+    rows = _summary(out)
+    assert [r["route"] for r in rows] == ["sequence"] * 5
+    assert all(r["status"] == "indexed" for r in rows), [r["reason"] for r in rows]
+    crystals = _crystals(out)
+    assert list(crystals) == ["snc_newhead_00001_sequence"]
+    expt = crystals["snc_newhead_00001_sequence"]
+    assert expt.scan.get_oscillation() == pytest.approx((0.0, 1.0))
+    assert expt.scan.get_image_range() == (1, 5)
+    a, b, c = expt.crystal.get_unit_cell().parameters()[:3]
+    assert a == pytest.approx(48.4, abs=1.0) and c == pytest.approx(63.3, abs=1.0)
+    for r in rows:
+        assert r["n_integrated"] > 500 and r["rmsd_px"] < 5 and r["delta_q_mean"] < 0.005
+    refl = flex.reflection_table.from_file(str(out / "combined.refl"))
+    p = refl["partiality"].as_numpy_array()
+    assert np.all((p > 0) & (p <= 1 + 1e-9)) and p.min() < 0.5  # DIALS 3D partialities
+    assert sum(r["n_integrated"] for r in rows) == len(refl)
 
 
 @pytest.mark.real_data

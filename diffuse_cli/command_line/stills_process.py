@@ -22,9 +22,11 @@ Inputs are image files, directories, globs (quote them, or use
 ``input.glob=``), multi-image containers (HDF5/NeXus: one row per frame) or
 imported ``.expt`` files. Route: zero-oscillation images are processed as
 stills; rotation frames (oscillation > 0, or a header width of 0 with a
-goniometer angle that advances steadily from image to image) are processed as
-stills of that width with ``rotation_frames.*`` limits (route
-``rotation_as_stills``). The summary says which route each image took.
+goniometer angle that advances steadily from image to image) are either
+imported as a sweep and indexed/refined/integrated as rotation data (route
+``sequence``) or processed as stills of their width with
+``rotation_frames.*`` limits (route ``rotation_as_stills``); see
+processing_mode. The summary says which route each image took.
 
 Examples::
 
@@ -39,6 +41,9 @@ Examples::
       spotfinder.filter.min_spot_size=2 indexing.refinement_protocol.d_min_start=2
 
   diffuse.stills_process my_params.phil images/ overwrite=True
+
+  diffuse.stills_process snc_*.img processing_mode=sequence \\
+      indexing.known_symmetry.space_group=P4
 """
 
 from __future__ import annotations
@@ -62,16 +67,23 @@ include scope dials.command_line.stills_process.phil_scope
 
 processing_mode = *auto stills sequence
   .type = choice
-  .help = "Route selection. auto and stills: zero-width images are stills; "
-          "rotation frames (oscillation > 0 in the header, or a steadily "
-          "advancing goniometer angle) are processed as stills of their width "
-          "with rotation_frames.* limits (route rotation_as_stills). sequence "
-          "(import -> index -> refine -> integrate as a sweep) is not "
-          "implemented in this version and stops with an error."
+  .help = "Route selection. Zero-width images are always stills. Rotation "
+          "frames: sequence -> imported as a sweep (scan rebuilt from the "
+          "image angles), found spots, indexed, refined (sequence.scan_varying) "
+          "and integrated as rotation data (route sequence); stills -> "
+          "processed as stills of their width with rotation_frames.* limits "
+          "(route rotation_as_stills); auto -> sequence when the header gives "
+          "a width > 0, rotation_as_stills when the header says 0 but the "
+          "goniometer angle advances."
 overwrite = False
   .type = bool
   .help = "Reprocess stills that already have a done-record from an earlier run "
           "with the same input and parameters."
+sequence {
+  scan_varying = False
+    .type = bool
+    .help = "Scan-varying refinement of the crystal model on the sequence route."
+}
 rotation_frames {
   ewald_proximal_volume_max = 0.01
     .type = float(value_min=0)
@@ -192,8 +204,6 @@ def run(args=None, phil=phil_scope):
     if params.input.file_list is not None and not os.path.isfile(params.input.file_list):
         raise Sorry(f"File not found: {params.input.file_list}")
 
-    if params.processing_mode == "sequence":
-        raise Sorry("processing_mode=sequence is not implemented in this version; use auto or stills")
     items = config = None
     if rank == 0:
         all_paths = processing.expand_paths(paths, params.input.glob, params.input.file_list)
@@ -215,9 +225,9 @@ def run(args=None, phil=phil_scope):
         logger.info("%d input images; routes: %s", len(items),
                     ", ".join(f"{k} {v}" for k, v in routes.items()))
         for it in items:
-            if it.route == processing.ROUTE_ROTATION_AS_STILLS:
-                logger.info("  %s: rotation frame of %.3f deg (header width %.3f deg) -> processed as a still",
-                            it.tag, it.osc_width, it.header_osc_width)
+            if it.route in (processing.ROUTE_ROTATION_AS_STILLS, processing.ROUTE_SEQUENCE):
+                logger.info("  %s: rotation frame of %.3f deg (header width %.3f deg) -> route %s",
+                            it.tag, it.osc_width, it.header_osc_width, it.route)
         config = processing.Config(
             params=params,
             directory=directory,
