@@ -712,12 +712,13 @@ def run_bragg_mask(experiments, reflections, params) -> list[dict]:
             logger.info("Dynamic mask from %d images: %d hot, %d dead pixels", stats["n_images"], stats["hot"], stats["dead"])
             static &= dyn
         static_by_key[key] = static
-        fname = params.output.static_mask
+        # output names are relative to output.directory, like the per-still masks
+        fname = os.path.join(params.output.directory, params.output.static_mask)
         if static_files:
             stem, ext = os.path.splitext(fname)
             fname = f"{stem}_{key}{ext}"
         program.write_pickle(fname, to_dials(static, geometry))
-        static_files[key] = fname
+        static_files[key] = os.path.relpath(fname, params.output.directory)
         logger.info("Wrote static mask %s", fname)
 
     os.makedirs(params.output.directory, exist_ok=True)
@@ -819,7 +820,7 @@ def write_png(entries, experiments, geometry_by_key, static_by_key, params) -> s
         f"{e['name']}: Bragg (red) {100 * e.get('bragg_fraction', float('nan')):.1f} %, "
         f"static (blue); total masked {100 * e['total_fraction_masked']:.1f} %"
     )
-    fname = params.output.png.filename
+    fname = os.path.join(params.output.directory, params.output.png.filename)
     if "%d" in fname:
         fname = fname % i
     program.save_figure(fname, fig)

@@ -176,7 +176,7 @@ class Accumulator:
 
         factor: scalar or (N,) multiplier applied to I and σ (1/scale).
         weight: None for inverse-variance weights 1/(σ·factor)², or (N,)
-        weights of the scaled observations (see :func:`model_weights`).
+        weights of the scaled observations (see :func:`model_variance`).
         Observations off the grid, with non-finite values, or with σ ≤ 0
         (weight None) / weight ≤ 0 are skipped. Returns the number accumulated.
         """

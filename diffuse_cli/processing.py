@@ -40,12 +40,10 @@ import copy
 import dataclasses
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import sys
 import time
 from typing import Any, Iterable
 

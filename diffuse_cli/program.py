@@ -99,6 +99,7 @@ def configure_logging(program: str, params=None, options=None) -> logging.Logger
         logfile = getattr(params.output, "log", None)
     if not logfile:
         logfile = f"diffuse.{program}.log"
+    os.makedirs(os.path.dirname(os.path.abspath(logfile)), exist_ok=True)
     # Reset our handlers, so run() called twice from Python does not double log.
     for name in ("dials", "dxtbx", "py.warnings", "diffuse"):
         lg = logging.getLogger(name)

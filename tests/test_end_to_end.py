@@ -106,7 +106,8 @@ def test_per_still_scales_recovered(noisy_chain):
 @pytest.fixture(scope="module")
 def noise_free_chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain_noise_free")
-    return _chain(root, ["n_stills=3", "seed=5", "noise=False", "truth.map=False"], None)
+    return _chain(root, ["n_stills=3", "seed=5", "noise=False", "truth.map=False",
+                         "exposure_time=4"], None)
 
 
 def test_extract_and_correct_invert_the_simulator_per_pixel(noise_free_chain):
@@ -129,8 +130,9 @@ def test_extract_and_correct_invert_the_simulator_per_pixel(noise_free_chain):
         hkl_true = q @ np.linalg.inv(true_A[stem]).T
         expected = true_scale[stem] * model(hkl_true, np.linalg.norm(q, axis=1))
         I = obs["I"]
-        bright = expected > 200 / truth["exposure_time_s"]  # integer rounding below 0.5 %
-        assert bright.mean() > 0.5
+        # expected counts = I / variance_per_intensity; >= 200 keeps integer rounding < 0.25 %
+        bright = expected / obs["variance_per_intensity"] >= 200
+        assert bright.sum() > 100_000
         rel = np.abs(I[bright] / expected[bright] - 1)
         # the pixels left in by the Bragg mask hold a little Bragg tail: judge the bulk
         assert np.median(rel) < 1e-3, stem
@@ -144,6 +146,7 @@ def test_predicted_bragg_mask_removes_simulated_bragg_intensity(noise_free_chain
     root = noise_free_chain
     # the same stills without Bragg spots: per-still orientation/scale depend only on seed and index
     simulate.run(["n_stills=3", "seed=5", "noise=False", "bragg=False", "truth.map=False",
+                  "exposure_time=4",
                   f"output.directory={tmp_path / 'nobragg'}", f"output.log={tmp_path / 's.log'}"])
     summary = json.loads((root / "masks" / "summary.json").read_text())
     masks = {pathlib.Path(s["image_path"]).stem: s for s in summary["stills"]}

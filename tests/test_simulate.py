@@ -266,8 +266,6 @@ def test_multi_panel_cbf_round_trip(tmp_path):
     from dxtbx.imageset import ImageSequence
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    from diffuse_cli import cbf_writer
-
     directory = run_simulate(
         tmp_path / "multi", "n_stills=1", "detector=multi", "bragg=False", "truth.map=False",
         "exposure_time=0.25", "beam.polarization_fraction=0.95",

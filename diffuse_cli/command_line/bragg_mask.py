@@ -151,6 +151,7 @@ output {
     .help = "Per-still total masks <still>.mask and summary.json go here."
   static_mask = static.mask
     .type = path
+    .help = "Static mask file name, in the output directory."
   summary = None
     .type = path
     .help = "Default: <directory>/summary.json"

@@ -499,7 +499,8 @@ def _warn_spreads(ref, grid, d_min, limit):
     logger.info("Orientation spread about the mean: rms %.2f°, max %.2f°",
                 ref["orientation_rms_deg"], ref["orientation_max_deg"])
     if osmear > limit:
-        logger.warning(
+        # serial stills are randomly oriented by design: say it, do not warn
+        logger.info(
             "Orientation spread would move hkl at d_min by %.1f voxels if one orientation were "
             "used: each still is placed with its own A, so this only matters if the stills' "
             "A matrices are not trustworthy (e.g. one crystal with poorly refined orientations)",

@@ -127,27 +127,6 @@ output {
     program="stills_process",
 )
 
-class _ArgumentParser(program.ArgumentParser):
-    """program.ArgumentParser that also returns the unhandled (image) paths.
-
-    program.ArgumentParser.parse_args unpacks exactly (params, options); image
-    paths are not experiments, so we need DIALS's ``return_unhandled=True``.
-    The missing-file check (one-line ``Sorry: File not found``) is the same.
-    """
-
-    def parse_args(self, args=None, show_diff_phil=False, **kwargs):
-        args = list(sys.argv[1:] if args is None else args)
-        if not args:
-            self.print_help()
-            raise SystemExit(0)
-        for arg in args:
-            if not arg.startswith("-") and "=" not in arg and not os.path.exists(arg):
-                raise Sorry(f"File not found: {arg}")
-        return program._DialsArgumentParser.parse_args(
-            self, args, show_diff_phil=show_diff_phil, return_unhandled=True, **kwargs
-        )
-
-
 def _expand_glob_args(args):
     """Expand quoted globs on the command line (missing matches stay as they are)."""
     out = []
@@ -173,7 +152,7 @@ def _mpi_comm(params):
 @program.entry_point("stills_process")
 def run(args=None, phil=phil_scope):
     usage = "diffuse.stills_process [options] [param.phil] images|directories|globs|imported.expt"
-    parser = _ArgumentParser(
+    parser = program.ArgumentParser(
         usage=usage,
         phil=phil,
         read_experiments=False,
@@ -183,7 +162,7 @@ def run(args=None, phil=phil_scope):
     )
     if args is None:
         args = sys.argv[1:]
-    params, options, paths = parser.parse_args(_expand_glob_args(args))
+    params, options, paths = parser.parse_args(_expand_glob_args(args), return_unhandled=True)
     comm = _mpi_comm(params)
     rank = comm.Get_rank() if comm is not None else 0
     directory = os.path.abspath(params.output.directory)
