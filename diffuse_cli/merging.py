@@ -632,7 +632,10 @@ def scale_and_merge(
                     sig = np.where(bad, 0.0, sig)  # the accumulator skips σ ≤ 0
                 else:
                     weight = np.where(bad, 0.0, weight)
-            acc.add(hkl, I, sig, factor, half=int(half[i]), chunk=chunk, weight=weight)
+            # with a variance model, the merged σ uses the model σ too: a voxel
+            # whose observations all have zero counts still gets σ > 0
+            acc.add(hkl, I, sig if weight is None else model_sigma, factor,
+                    half=int(half[i]), chunk=chunk, weight=weight)
         acc.reduce(comm)
         if comm is not None and size > 1:
             from mpi4py import MPI

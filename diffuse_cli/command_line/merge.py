@@ -108,6 +108,11 @@ scaling {
     .help = "Observations per still used to fit its scale (random subset)."
 }
 merging {
+  reject_sigma = 6.0
+    .type = float(value_min=0)
+    .help = "Leave out an observation whose residual from the scaled reference "
+            "exceeds this many robust sigmas (stray Bragg peaks, hot pixels). "
+            "None keeps every observation."
   half_dataset_seed = 0
     .type = int
     .help = "Seed of the random split of stills into halves (CC1/2)."
@@ -412,7 +417,8 @@ def merge(experiments, files, params, comm=None):
         model=model, max_iterations=params.scaling.max_iterations,
         tolerance=params.scaling.tolerance, reindex=reindex,
         half_seed=params.merging.half_dataset_seed, fit_max_obs=params.scaling.fit_max_obs,
-        comm=comm, chunk=params.mp.chunk_size, progress=program.progress)
+        comm=comm, chunk=params.mp.chunk_size, progress=program.progress,
+        reject_sigma=params.merging.reject_sigma)
     merged = result.merged
     if params.scaling.enable:
         logger.info("Scaling: %s after %d iterations (max relative change %s)",
