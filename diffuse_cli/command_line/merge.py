@@ -505,8 +505,10 @@ def _warn_spreads(ref, grid, d_min, limit):
     logger.info("Orientation spread about the mean: rms %.2f°, max %.2f°",
                 ref["orientation_rms_deg"], ref["orientation_max_deg"])
     if osmear > limit:
-        # serial stills are randomly oriented by design: say it, do not warn
-        logger.info(
+        # a spread of a few degrees looks like one crystal whose orientations
+        # wander (worth a warning); serial stills are randomly oriented by design
+        report = logger.warning if ref["orientation_rms_deg"] < 10.0 else logger.info
+        report(
             "Orientation spread would move hkl at d_min by %.1f voxels if one orientation were "
             "used: each still is placed with its own A, so this only matters if the stills' "
             "A matrices are not trustworthy (e.g. one crystal with poorly refined orientations)",
