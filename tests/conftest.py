@@ -61,3 +61,13 @@ def real_images(shared_data, tmp_path_factory):
         return [decompress(f, dest) for f in files]
 
     return get
+
+
+def mpirun_env() -> dict:
+    """Environment for a child ``mpirun``: Python's copy of the environment.
+
+    Once any test has imported ``mpi4py.MPI`` in the pytest process, Open MPI
+    has put its singleton variables into the C-level environment (not into
+    ``os.environ``); a child mpirun that inherits them exits 1 without a word.
+    """
+    return dict(os.environ)

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import mpirun_env
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -62,7 +63,8 @@ def test_mpi_two_ranks_equals_serial(tmp_path):
     subprocess.run([sys.executable, str(script), "serial", str(tmp_path / "serial.npz")],
                    check=True, timeout=600)
     subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable,
-                    str(script), str(tmp_path / "mpi.npz")], check=True, timeout=600)
+                    str(script), str(tmp_path / "mpi.npz")], check=True, timeout=600,
+                   env=mpirun_env())
     s = np.load(tmp_path / "serial.npz")
     m = np.load(tmp_path / "mpi.npz")
     assert int(m["size"]) == 2

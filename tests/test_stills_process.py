@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import mpirun_env
 
 import diffuse_cli  # noqa: F401
 from diffuse_cli import processing
@@ -458,7 +459,8 @@ def test_mpi_matches_multiprocess(snase):
         PROGRAM, *map(str, snase["images"]), *SNASE_ARGS, "mp.method=mpi",
         f"output.directory={out}",
     ]
-    proc = subprocess.run(cmd, cwd=snase["work"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=snase["work"], capture_output=True, text=True, timeout=900,
+                          env=mpirun_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert _stable(_summary(out)) == _stable(_summary(snase["out"]))
     a, b = _crystals(out), _crystals(snase["out"])
