@@ -594,7 +594,6 @@ def _extract_one(ref: StillRef) -> dict:
 
 def run_extract(experiments, params) -> list[dict]:
     """Extract every image of ``experiments`` into ``params.output.directory``."""
-    import multiprocessing
 
     nproc = program.resolve_nproc(params.nproc)
     os.makedirs(params.output.directory, exist_ok=True)
@@ -607,12 +606,7 @@ def run_extract(experiments, params) -> list[dict]:
     logger.info("%d images to extract, %d geometry file(s) in %s", len(refs), len(cache._by_key), params.output.directory)
     _STATE.update(params=params, experiments=experiments, cache=cache, masks=masks)
     try:
-        if nproc > 1 and len(refs) > 1:
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(min(nproc, len(refs))) as pool:
-                entries = list(program.progress(pool.imap(_extract_one, refs), total=len(refs), desc="extract"))
-        else:
-            entries = [_extract_one(r) for r in program.progress(refs, desc="extract")]
+        entries = program.parallel_map(_extract_one, refs, nproc, desc="extract")
     finally:
         _STATE.clear()
     summary_path = os.path.join(params.output.directory, "summary.json")

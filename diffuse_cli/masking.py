@@ -665,7 +665,6 @@ def _mask_one(job):
 
 def run_bragg_mask(experiments, reflections, params) -> list[dict]:
     """Static mask, dynamic mask and per-image total masks; returns summary entries."""
-    import multiprocessing
     import os
 
     from diffuse_cli import program
@@ -727,12 +726,7 @@ def run_bragg_mask(experiments, reflections, params) -> list[dict]:
         experiments=experiments, reflections=reflections,
     )
     try:
-        if nproc > 1 and len(groups) > 1:
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(min(nproc, len(groups))) as pool:
-                entries = list(program.progress(pool.imap(_mask_one, groups), total=len(groups), desc="bragg_mask"))
-        else:
-            entries = [_mask_one(g) for g in program.progress(groups, desc="bragg_mask")]
+        entries = program.parallel_map(_mask_one, groups, nproc, desc="bragg_mask")
     finally:
         _STATE.clear()
 

@@ -181,6 +181,22 @@ def progress(iterable: Iterable | None = None, **kwargs) -> Iterator:
     return tqdm(iterable, **kwargs)
 
 
+def parallel_map(func: Callable, items, nproc: int, desc: str, **progress_kwargs) -> list:
+    """``[func(x) for x in items]`` in order, over ``nproc`` forked processes.
+
+    Fork: workers inherit module-level state set up by the caller (geometry,
+    factors, tables) without pickling it. A progress bar either way.
+    """
+    items = list(items)
+    nproc = min(int(nproc), len(items))
+    if nproc > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(nproc) as pool:
+            return list(progress(pool.imap(func, items), total=len(items), desc=desc, **progress_kwargs))
+    return [func(x) for x in progress(items, desc=desc, **progress_kwargs)]
+
+
 # ---------------------------------------------------------------- atomic output
 
 

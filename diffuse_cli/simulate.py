@@ -910,17 +910,9 @@ def run_simulation(params, phil_text: str = "") -> dict:
     global _WORKER_SIMULATOR
     _WORKER_SIMULATOR = sim
     try:
-        if nproc > 1:
-            import multiprocessing
-
-            # fork: workers inherit the simulator (geometry, factors, tables) for free;
-            # every still has its own random stream, so results do not depend on nproc
-            with multiprocessing.get_context("fork").Pool(nproc) as pool:
-                stills = list(
-                    program.progress(pool.imap(_simulate_still, indices), total=len(indices), desc="stills", unit="still")
-                )
-        else:
-            stills = [_simulate_still(i) for i in program.progress(indices, desc="stills", unit="still")]
+        # workers inherit the simulator (geometry, factors, tables) through fork;
+        # every still has its own random stream, so results do not depend on nproc
+        stills = program.parallel_map(_simulate_still, indices, nproc, desc="stills", unit="still")
     finally:
         _WORKER_SIMULATOR = None
     paths = [os.path.basename(image_path(out_dir, params.output.prefix, st.index)) for st in stills]

@@ -536,13 +536,7 @@ def run(args=None, phil=phil_scope):
         logger.info("%d of %d stills are up to date (overwrite=True redoes them)", n_skip, len(stills))
 
     nproc = min(program.resolve_nproc(params.nproc), max(1, len(tasks)))
-    if nproc > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(nproc) as pool:
-            results = list(program.progress(pool.imap(correct_still, tasks), total=len(tasks), desc="correct"))
-    else:
-        results = [correct_still(t) for t in program.progress(tasks, desc="correct")]
+    results = program.parallel_map(correct_still, tasks, nproc, desc="correct")
     rows.extend(results)
     rows.sort(key=lambda r: r["still"])
     program.write_json(os.path.join(outdir, "summary.json"), {"params_hash": phash, "stills": rows})
