@@ -145,14 +145,7 @@ def expand_paths(args: Iterable[str], globs: Iterable[str] = (), file_list: str 
     if file_list:
         with open(file_list) as fh:
             out.extend(line.strip() for line in fh if line.strip() and not line.startswith("#"))
-    seen = set()
-    unique = []
-    for p in out:
-        key = os.path.abspath(p)
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
+    return program.unique_paths(out)
 
 
 def _scan_width_start(scan, frame: int = 0) -> tuple[float, float | None]:

@@ -316,6 +316,27 @@ def _curve_fit(func, x, y, s, p0, bounds):
         )
 
 
+def _best_of_starts(func, x, y, s, starts, bounds):
+    """Fit from each start; keep the lowest χ² ((popt, pcov), or None and the errors).
+
+    Several starts, because one starting width lets a lone spike win by default.
+    """
+    best, errors = None, []
+    for p0 in starts:
+        try:
+            popt, pcov = _curve_fit(func, x, y, s, p0, bounds)
+        except (RuntimeError, ValueError) as e:
+            errors.append(str(e).splitlines()[0])
+            continue
+        r = y - func(x, *popt)
+        cost = float(np.sum((r / s) ** 2) if s is not None else np.sum(r * r))
+        if best is None or cost < best[0]:
+            best = (cost, popt, pcov)
+    if best is None:
+        return None, "; ".join(sorted(set(errors)))
+    return best[1:], ""
+
+
 def _failed(model, message, n) -> FitResult:
     logger.warning("%s fit failed: %s", model, message)
     return FitResult(model=model, success=False, message=message, n_points=n)
@@ -394,20 +415,11 @@ def fit_pseudo_voigt_azimuthal(chi_deg, y, sigma=None, pair: bool = True, smooth
     # an orientation distribution is not negative: height >= 0
     bounds = ([0.0, c0 - 180.0, 0.05, 0.0, -np.inf], [np.inf, c0 + 180.0, 720.0, 1.0, np.inf])
     # a few starting widths; the best χ² wins (a lone spike must not win by default)
-    best, errors = None, []
-    for w_start in sorted({w0, 20.0, 60.0}):
-        try:
-            popt, pcov = _curve_fit(func, x, y, s, [h0, c0, w_start, 0.5, b0], bounds)
-        except (RuntimeError, ValueError) as e:
-            errors.append(str(e).splitlines()[0])
-            continue
-        r = y - func(x, *popt)
-        cost = float(np.sum((r / s) ** 2) if s is not None else np.sum(r * r))
-        if best is None or cost < best[0]:
-            best = (cost, popt, pcov)
+    starts = [[h0, c0, w_start, 0.5, b0] for w_start in sorted({w0, 20.0, 60.0})]
+    best, errors = _best_of_starts(func, x, y, s, starts, bounds)
     if best is None:
-        return _failed(model, "; ".join(sorted(set(errors))), len(x))
-    _, popt, pcov = best
+        return _failed(model, errors, len(x))
+    popt, pcov = best
     res = _finish(model, names, func, popt, pcov, x, y, s, len(names))
     period = 180.0 if pair else 360.0
     res.params["centre"] = float((res.params["centre"] + period / 2) % period - period / 2)
@@ -459,23 +471,12 @@ def fit_maier_saupe(chi_deg, y, sigma=None, smooth_window: int = 0, centre: floa
             return maier_saupe(xx, h, c0, m, bb)
 
         lower, upper = [0.0, -50.0, -np.inf], [np.inf, m_max, np.inf]
-    best = None
-    errors = []
-    for m0 in (0.5, 2.0, 8.0, 40.0):
-        m0 = min(m0, 0.5 * m_max)
-        p0 = [h0, c0, m0, b0] if centre is None else [h0, m0, b0]
-        try:
-            popt, pcov = _curve_fit(func, x, y, s, p0, (lower, upper))
-        except (RuntimeError, ValueError) as e:
-            errors.append(str(e).splitlines()[0])
-            continue
-        r = y - func(x, *popt)
-        cost = float(np.sum((r / s) ** 2) if s is not None else np.sum(r * r))
-        if best is None or cost < best[0]:
-            best = (cost, popt, pcov)
+    starts = [[h0, c0, m, b0] if centre is None else [h0, m, b0]
+              for m in (min(m0, 0.5 * m_max) for m0 in (0.5, 2.0, 8.0, 40.0))]
+    best, errors = _best_of_starts(func, x, y, s, starts, (lower, upper))
     if best is None:
-        return _failed(model, "; ".join(sorted(set(errors))), len(x))
-    _, popt, pcov = best
+        return _failed(model, errors, len(x))
+    popt, pcov = best
     res = _finish(model, names, func, popt, pcov, x, y, s, len(names))
     if centre is None:
         res.params["centre"] = float((res.params["centre"] + 90.0) % 180.0 - 90.0)

@@ -197,6 +197,17 @@ def parallel_map(func: Callable, items, nproc: int, desc: str, **progress_kwargs
     return [func(x) for x in progress(items, desc=desc, **progress_kwargs)]
 
 
+def unique_paths(paths) -> list:
+    """Paths in their first order, without repeats of the same file (by absolute path)."""
+    seen, unique = set(), []
+    for p in paths:
+        key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
 # ---------------------------------------------------------------- atomic output
 
 

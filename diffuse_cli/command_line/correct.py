@@ -176,14 +176,7 @@ def find_extracted(paths) -> list[str]:
             files.append(p)
         else:
             raise Sorry(f"File not found: {p}")
-    seen = set()
-    unique = []
-    for f in files:
-        a = os.path.abspath(f)
-        if a not in seen:
-            seen.add(a)
-            unique.append(f)
-    return unique
+    return program.unique_paths(files)
 
 
 def correction_options(params) -> corrections.CorrectionOptions:
