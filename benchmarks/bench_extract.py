@@ -1,10 +1,12 @@
-"""Benchmark diffuse.extract on 6M-pixel thaumatin stills (Pilatus 6M CBF).
+"""Benchmark diffuse.extract + diffuse.correct on 6M-pixel thaumatin stills.
 
 Measures, per still after the first (the first also builds the geometry
-cache): the extract time (read image through dxtbx, read the still's mask
-file, trusted range, select used pixels, write the npz), the time dxtbx
-alone takes to read the image, the extract file size against the compressed
-input CBF, and the peak memory of the process.
+cache and the per-detector correction factors): the extract time (read image
+through dxtbx, read the still's mask file, trusted range, select used
+pixels, write the npz), the correct time (``correct_still``: read the
+extract, write the corrected still, summary figures), the time dxtbx alone
+takes to read the image, the file sizes against the compressed input CBF,
+and the peak memory of the process.
 
 Usage:
   .venv/bin/python benchmarks/bench_extract.py [n_stills=4]
@@ -44,7 +46,9 @@ def main(n_stills: int = 4) -> dict:
     from dxtbx.model import Crystal
     from dxtbx.model.experiment_list import ExperimentListFactory
 
+    from diffuse_cli import corrections
     from diffuse_cli import extraction as ex
+    from diffuse_cli.command_line import correct as correct_cli
     from diffuse_cli import masking as mk
     from diffuse_cli import program
 
@@ -76,8 +80,12 @@ def main(n_stills: int = 4) -> dict:
 
         out_dir = work / "extracted"
         out_dir.mkdir()
+        corr_dir = work / "corrected"
+        corr_dir.mkdir()
         cache = ex.GeometryCache(out_dir)
         times, cpu_times, read_times, sizes, in_sizes = [], [], [], [], []
+        corr_times, corr_cpu, corr_sizes = [], [], []
+        t_factors = None
         for i, expt in enumerate(experiments):
             ref = ex.image_refs([expt])[0]
             t0, c0 = time.perf_counter(), time.process_time()
@@ -88,6 +96,24 @@ def main(n_stills: int = 4) -> dict:
             ex.write_extract(path, ref=ref, **arrays)
             t = time.perf_counter() - t0
             cpu_times.append(time.process_time() - c0)
+            if t_factors is None:  # per detector, once (like the geometry cache)
+                t1 = time.perf_counter()
+                key = arrays["geometry_key"]
+                correct_cli.write_factors(
+                    corr_dir / corrections.factors_filename(key), key, expt.detector, expt.beam,
+                    ex.geometry_path(out_dir, key), corrections.CorrectionOptions(), "bench",
+                )
+                t_factors = time.perf_counter() - t1
+            task = {
+                "source": str(path), "output": str(corr_dir / path.name), "gain": 1.0,
+                "background_mode": "none", "background_constant": 0.0,
+                "background_constant_sigma": 0.0, "background_file": "", "params_hash": "bench",
+            }
+            t1, c1 = time.perf_counter(), time.process_time()
+            correct_cli.correct_still(task)
+            corr_times.append(time.perf_counter() - t1)
+            corr_cpu.append(time.process_time() - c1)
+            corr_sizes.append(os.path.getsize(task["output"]))
             # dxtbx alone reading the same image: a copy under another name, so
             # that no dxtbx-side cache of the file just extracted is used
             copy = work / f"copy_{i}.cbf"
@@ -100,7 +126,8 @@ def main(n_stills: int = 4) -> dict:
             times.append(t)
             sizes.append(os.path.getsize(path))
             in_sizes.append(os.path.getsize(images[i]))
-            print(f"still {i}: extract {t:.3f} s (cpu {cpu_times[-1]:.3f} s), dxtbx read {read_times[-1]:.3f} s, "
+            print(f"still {i}: extract {t:.3f} s (cpu {cpu_times[-1]:.3f} s), correct {corr_times[-1]:.3f} s "
+                  f"(cpu {corr_cpu[-1]:.3f} s), dxtbx read {read_times[-1]:.3f} s, "
                   f"file {sizes[-1] / 1e6:.2f} MB (cbf {in_sizes[-1] / 1e6:.2f} MB), "
                   f"{arrays['mask'].sum()} used pixels")
         # the reader side: rebuild hkl of every used pixel
@@ -114,6 +141,12 @@ def main(n_stills: int = 4) -> dict:
             "n_pixels": int(e.mask.size),
             "extract_s_per_still": float(np.median(after)),
             "extract_cpu_s_per_still": float(np.median(cpu_times[1:] or cpu_times)),
+            "correct_s_per_still": float(np.median(corr_times[1:] or corr_times)),
+            "correct_cpu_s_per_still": float(np.median(corr_cpu[1:] or corr_cpu)),
+            "extract_plus_correct_s": float(np.median((np.array(times) + np.array(corr_times))[1:])),
+            "extract_plus_correct_cpu_s": float(np.median((np.array(cpu_times) + np.array(corr_cpu))[1:])),
+            "corrected_file_mb": float(np.median(corr_sizes) / 1e6),
+            "factors_once_s": t_factors,
             "first_still_s": times[0],
             "dxtbx_read_s": float(np.median(read_times[1:] or read_times)),
             "ratio_to_read": float(np.median(after) / np.median(read_times[1:] or read_times)),
@@ -129,6 +162,13 @@ def main(n_stills: int = 4) -> dict:
         print(f"first still (with geometry) {result['first_still_s']:.3f} s")
         print(f"extract per still           {result['extract_s_per_still']:.3f} s wall, "
               f"{result['extract_cpu_s_per_still']:.3f} s cpu (median after the first)")
+        print(f"correct per still           {result['correct_s_per_still']:.3f} s wall, "
+              f"{result['correct_cpu_s_per_still']:.3f} s cpu (median after the first)")
+        print(f"extract + correct           {result['extract_plus_correct_s']:.3f} s wall, "
+              f"{result['extract_plus_correct_cpu_s']:.3f} s cpu per still (target <= 0.25 s)")
+        print(f"  ratio to the dxtbx read   {result['extract_plus_correct_s'] / result['dxtbx_read_s']:.1f}")
+        print(f"correction factors (once)   {result['factors_once_s']:.2f} s")
+        print(f"corrected file              {result['corrected_file_mb']:.2f} MB vs cbf {result['cbf_mb']:.2f} MB")
         print(f"machine load average        {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"dxtbx image read            {result['dxtbx_read_s']:.3f} s  -> extract/read = {result['ratio_to_read']:.1f}")
         print(f"extract file                {result['file_mb']:.2f} MB vs cbf {result['cbf_mb']:.2f} MB (ratio {result['size_ratio']:.2f})")

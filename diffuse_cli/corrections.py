@@ -458,7 +458,7 @@ def background_rate(images, exposure_times, gain: float = 1.0):
 
 EXTRACT_SCHEMA = "diffuse.extract/1"
 GEOMETRY_SCHEMA = "diffuse.geometry/1"
-CORRECT_SCHEMA = "diffuse.correct/1"
+CORRECT_SCHEMA = "diffuse.correct/2"
 FACTORS_SCHEMA = "diffuse.factors/1"
 BACKGROUND_SCHEMA = "diffuse.background/1"
 
@@ -523,7 +523,10 @@ def still_background(still: dict, pixels: np.ndarray, background: dict | None):
 
 
 def still_intensities(still: dict, total: np.ndarray, background: dict | None = None, name=""):
-    """Used pixel indices, I and σ of a corrected still (dict of its arrays).
+    """Used pixel indices, I and σ of a corrected still.
+
+    ``still``: the corrected file's arrays plus ``mask_bits`` and the counts
+    of the extracted file it refers to (as ``load_observations`` assembles).
 
     ``total`` is the per-detector multiplier (all pixels); ``background`` the
     background-map dict when the still uses one.
@@ -564,11 +567,37 @@ def _cached(cache: dict, path: str, load):
     return cache[key]
 
 
+def _referenced_extract(corrected_file, still: dict) -> dict:
+    """The arrays of the extracted file a corrected still refers to.
+
+    Looked up relative to the corrected file first (a moved project tree
+    still works), then at its absolute path; its fingerprint must match the
+    one recorded by diffuse.correct.
+    """
+    import os
+
+    from libtbx.utils import Sorry
+
+    from diffuse_cli.program import npz_fingerprint
+
+    directory = os.path.dirname(os.path.abspath(corrected_file))
+    candidates = [os.path.join(directory, str(still["extract_file"])), str(still["extract_file_absolute"])]
+    path = next((p for p in candidates if os.path.exists(p)), None)
+    if path is None:
+        raise Sorry(f"{corrected_file}: its extracted pixels {candidates[0]} are missing (diffuse.correct "
+                    "keeps the counts in diffuse.extract's files; keep extracted/ beside corrected/)")
+    if npz_fingerprint(path) != str(still["extract_fingerprint"]):
+        raise Sorry(f"{corrected_file}: {path} changed since diffuse.correct ran; run diffuse.correct again")
+    ex = load_npz(path, EXTRACT_SCHEMA)
+    return {k: ex[k] for k in ("mask_bits", "A", *COUNT_ARRAYS) if k in ex}
+
+
 def load_observations(corrected_file, cache: dict | None = None, with_pixels: bool = False) -> dict:
     """Observations of one corrected still, for diffuse.merge.
 
-    Reads ``corrected_file`` (schema diffuse.correct/1) and the
-    ``factors_<key>.npz`` (and ``background.npz`` if used) beside it.
+    Reads ``corrected_file`` (schema diffuse.correct/2), the extracted file it
+    refers to (the counts, mask and A), and the ``factors_<key>.npz`` (and
+    ``background.npz`` if used) beside it.
     Returns a dict:
 
     * ``hkl`` (N, 3) float64: fractional Miller indices ``A⁻¹ (s1 − s0)``;
@@ -591,6 +620,7 @@ def load_observations(corrected_file, cache: dict | None = None, with_pixels: bo
     cache = _DEFAULT_CACHE if cache is None else cache
     still = load_npz(corrected_file, CORRECT_SCHEMA)
     directory = os.path.dirname(os.path.abspath(corrected_file))
+    still.update(_referenced_extract(corrected_file, still))
     fpath = os.path.join(directory, str(still["factors_file"]))
     factors = _cached(cache, fpath, lambda: {k: v for k, v in load_npz(fpath, FACTORS_SCHEMA).items() if k in ("s1", "s0", "total")})
     background = None

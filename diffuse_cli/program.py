@@ -239,12 +239,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def write_npz(path, compressed: bool = True, **arrays) -> None:
+# zlib level 1: ~5x faster than numpy's default level 6 for ~10 % larger files
+FAST_ZIP_LEVEL = 1
+
+
+def write_npz(path, compressed: bool = True, compresslevel: int | None = None, **arrays) -> None:
+    """Write ``arrays`` to an ``.npz`` atomically (readable by ``np.load``).
+
+    compressed: deflate each array; compresslevel: zlib level (default: numpy's
+    ``savez_compressed``, level 6; ``FAST_ZIP_LEVEL`` for per-still files).
+    """
+    import zipfile
+
     import numpy as np
 
+    if not compressed:
+        method, level = zipfile.ZIP_STORED, None
+    else:
+        method, level = zipfile.ZIP_DEFLATED, compresslevel
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            (np.savez_compressed if compressed else np.savez)(fh, **arrays)
+        with zipfile.ZipFile(tmp, "w", method, compresslevel=level) as zf:
+            for name, arr in arrays.items():
+                with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
+
+
+def npz_fingerprint(path) -> str:
+    """Identity of an ``.npz``'s content from its zip directory (member names,
+    sizes and CRC-32s): cheap, and unchanged when the file is copied or moved."""
+    import zlib
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        listing = sorted((i.filename, i.file_size, i.CRC) for i in zf.infolist())
+    return f"{zlib.crc32(repr(listing).encode()):08x}"
 
 
 def write_pickle(path, obj: Any) -> None:

@@ -207,7 +207,7 @@ def _is_still_file(path: str) -> bool:
 def load_still(path: str, cache: dict | None = None) -> dict:
     """Observations of one still: dict(hkl (N,3), I (N,), sigma (N,), ...).
 
-    diffuse.correct files (schema diffuse.correct/1) are read with
+    diffuse.correct files (schema diffuse.correct/2) are read with
     ``diffuse_cli.corrections.load_observations`` (upstream). Files that
     already hold ``hkl``, ``I`` and ``sigma`` arrays (schema
     ``diffuse.observations/1``) are read directly.
@@ -220,12 +220,8 @@ def load_still(path: str, cache: dict | None = None) -> dict:
             out = {k: z[k] for k in z.files if k != "schema"}
             return out
     if schema.startswith("diffuse.correct/"):
-        try:
-            from diffuse_cli.corrections import load_observations
-        except ImportError as e:
-            raise Sorry(
-                "diffuse_cli.corrections.load_observations is not available in this installation"
-            ) from e
+        from diffuse_cli.corrections import load_observations
+
         return load_observations(path, cache=cache)
     raise Sorry(f"Unknown schema {schema!r} in {path}")
 
