@@ -14,7 +14,7 @@ times depend on the load; CPU times do not (much).
 
 Usage::
 
-  .venv/bin/python benchmarks/bench_stills_process.py [n_stills=4] [data=../shared/data]
+  .venv/bin/python benchmarks/bench_stills_process.py [n_stills=8] [data=../shared/data]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def timed(cmd, cwd):
 
 def main(argv):
     opts = dict(a.split("=", 1) for a in argv if "=" in a)
-    n = int(opts.get("n_stills", 4))
+    n = int(opts.get("n_stills", 8))
     data = pathlib.Path(opts.get("data", REPO.parent / "shared" / "data"))
     src = sorted((data / "thaumatin_grid_stills").glob("*.cbf.bz2"))[:n]
     if len(src) < n:

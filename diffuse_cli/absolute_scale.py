@@ -11,6 +11,10 @@ averages ⟨I⟩(s) on this scale is the Krogh-Moe ratio over a fit range
 
     K = ∫ s² T(s) ds / ∫ s² ⟨I⟩(s) ds
 
+When the map's Bragg peaks were masked, the Bragg (Wilson) part of the
+coherent scattering, Σf² exp(−B s²/2), is missing from ⟨I⟩; given the B
+(``wilson_b``) the theory is then (1 − exp(−B s²/2))·Σf² + Σ I_inc.
+
 Output intensities are then ``K·I − Σ I_inc(s)`` (incoherent subtracted),
 σ → K·σ, in electron units per unit cell.
 
@@ -87,8 +91,14 @@ def incoherent(element: str, d_star: np.ndarray) -> np.ndarray:
     return np.clip(z - f * f / z, 0.0, None)
 
 
-def theory(composition: dict[str, float], d_star: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ n_j f_j², Σ n_j I_inc,j) per unit cell at d* (Å⁻¹)."""
+def theory(composition: dict[str, float], d_star: np.ndarray,
+           wilson_b: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ n_j f_j², Σ n_j I_inc,j) per unit cell at d* (Å⁻¹).
+
+    wilson_b (Å²): the coherent part becomes (1 − exp(−B d*²/2))·Σf², the
+    scattering left between the Bragg peaks (Wilson: ⟨|F|²⟩ = Σf² exp(−B d*²/2)),
+    for maps whose Bragg peaks were masked.
+    """
     ds = np.asarray(d_star, dtype=np.float64)
     coh = np.zeros_like(ds)
     inc = np.zeros_like(ds)
@@ -97,6 +107,8 @@ def theory(composition: dict[str, float], d_star: np.ndarray) -> tuple[np.ndarra
         z = atomic_number(el)
         coh += n * f * f
         inc += n * np.clip(z - f * f / z, 0.0, None)
+    if wilson_b:
+        coh *= -np.expm1(-0.5 * float(wilson_b) * ds * ds)
     return coh, inc
 
 
@@ -128,6 +140,7 @@ class AbsoluteScale:
     incoherent: np.ndarray  # Σ I_inc per unit cell
     composition: dict
     residual: float  # rms relative deviation of K⟨I⟩ from T over the fit range
+    wilson_b: float | None = None  # Å²: coherent part (1 − exp(−B d*²/2))·Σf² (Bragg masked)
 
     def as_dict(self) -> dict:
         return {
@@ -136,14 +149,20 @@ class AbsoluteScale:
             "fit_range_d": [1.0 / x if x > 0 else None for x in self.fit_range],
             "rms_relative_residual": self.residual,
             "composition_per_unit_cell": self.composition,
-            "method": "Krogh-Moe ratio of ∫s²T ds to ∫s²<I> ds; I_inc = Z - f²/Z",
+            "wilson_b": self.wilson_b,
+            "method": "Krogh-Moe ratio of ∫s²T ds to ∫s²<I> ds; I_inc = Z - f²/Z"
+            + ("; T = (1 - exp(-B s²/2)) Σf² + Σ I_inc (Bragg masked)" if self.wilson_b else "; T = Σf² + Σ I_inc"),
         }
 
 
 def fit_absolute_scale(d_star: np.ndarray, mean_I: np.ndarray, composition: dict,
                        fit_range: tuple[float, float] | None = None,
-                       counts: np.ndarray | None = None) -> AbsoluteScale:
+                       counts: np.ndarray | None = None,
+                       wilson_b: float | None = None) -> AbsoluteScale:
     """Krogh-Moe scale from a radial profile ⟨I⟩(d*) and the unit-cell composition.
+
+    wilson_b (Å²): the map's Bragg peaks were masked; the theory is then the
+    scattering between them (see :func:`theory`).
 
     fit_range: (d*_lo, d*_hi) in Å⁻¹; default: the outer 40 % of the
     non-empty profile in d*. Bins with NaN (or zero counts) are skipped.
@@ -161,7 +180,7 @@ def fit_absolute_scale(d_star: np.ndarray, mean_I: np.ndarray, composition: dict
     sel = ok & (ds >= fit_range[0]) & (ds <= fit_range[1])
     if sel.sum() < 2:
         raise ValueError(f"fewer than 2 profile bins in the fit range {fit_range} Å⁻¹")
-    coh, inc = theory(composition, ds)
+    coh, inc = theory(composition, ds, wilson_b=wilson_b)
     T = coh + inc
     w = ds[sel] ** 2
     denom = float(np.sum(w * m[sel]))
@@ -170,7 +189,7 @@ def fit_absolute_scale(d_star: np.ndarray, mean_I: np.ndarray, composition: dict
     K = float(np.sum(w * T[sel]) / denom)
     resid = float(np.sqrt(np.mean((K * m[sel] / T[sel] - 1.0) ** 2)))
     return AbsoluteScale(K, (float(fit_range[0]), float(fit_range[1])), ds, m, coh, inc,
-                         dict(composition), resid)
+                         dict(composition), resid, wilson_b)
 
 
 def to_electron_units(I: np.ndarray, sigma: np.ndarray, d_star: np.ndarray,
@@ -191,8 +210,9 @@ def plot_absolute_scale(scale: AbsoluteScale, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(scale.d_star, scale.K * scale.mean_I, "k.-", lw=1, ms=3, label="K·⟨I⟩ (data)")
-    ax.plot(scale.d_star, scale.coherent + scale.incoherent, "C0-", label="Σf² + I_inc (theory)")
-    ax.plot(scale.d_star, scale.coherent, "C1--", label="Σf² (coherent)")
+    coherent = "(1 − e^{−Bs²/2})Σf²" if scale.wilson_b else "Σf²"
+    ax.plot(scale.d_star, scale.coherent + scale.incoherent, "C0-", label=f"{coherent} + I_inc (theory)")
+    ax.plot(scale.d_star, scale.coherent, "C1--", label=f"{coherent} (coherent)")
     ax.plot(scale.d_star, scale.incoherent, "C2:", label="Σ I_inc")
     ax.axvspan(*scale.fit_range, color="0.9", zorder=0, label="fit range")
     ax.set_xlabel("d* = 1/d (Å⁻¹)")

@@ -106,7 +106,6 @@ class Item:
     frame: int = 0
     tag: str = ""
     source: str = "image"  # image | expt
-    expt_index: int = 0
     n_in_file: int = 1
     route: str = ROUTE_STILLS
     osc_width: float = 0.0
@@ -174,18 +173,17 @@ def _probe(path: str) -> list[Item]:
             if path.endswith(".json"):
                 return [Item(path=path, error="not a recognised image format or experiment list")]
             return [Item(path=path, error=f"cannot read experiment list: {_one_line(e)}")]
+        # frame = index among the distinct images (dials.import gives stills
+        # as one experiment per image, all sharing one ImageSet)
         items = []
-        for i_expt, expt in enumerate(experiments):
-            imageset = expt.imageset
-            if imageset is None:
-                continue
-            for j in range(len(imageset)):
-                width, start = _scan_width_start(expt.scan, j)
-                items.append(
-                    Item(path=path, frame=j, source="expt", expt_index=i_expt,
-                         n_in_file=len(imageset), osc_width=width,
-                         header_osc_width=width, osc_start=start)
-                )
+        for expt, j in _distinct_images(e for e in experiments if e.imageset is not None):
+            width, start = _scan_width_start(expt.scan, j)
+            items.append(
+                Item(path=path, frame=len(items), source="expt", osc_width=width,
+                     header_osc_width=width, osc_start=start)
+            )
+        for it in items:
+            it.n_in_file = len(items)
         if not items:
             return [Item(path=path, error="experiment list has no images")]
         if len(items) == 1:
@@ -202,14 +200,12 @@ def _probe(path: str) -> list[Item]:
     if unhandled or len(experiments) == 0:
         return [Item(path=path, error="not a recognised image format")]
     items = []
-    for expt in experiments:
-        imageset = expt.imageset
-        for j in range(len(imageset)):
-            width, start = _scan_width_start(expt.scan, j)
-            items.append(
-                Item(path=path, frame=len(items), n_in_file=0, osc_width=width,
-                     header_osc_width=width, osc_start=start)
-            )
+    for expt, j in _distinct_images(experiments):
+        width, start = _scan_width_start(expt.scan, j)
+        items.append(
+            Item(path=path, frame=len(items), n_in_file=0, osc_width=width,
+                 header_osc_width=width, osc_start=start)
+        )
     for it in items:
         it.n_in_file = len(items)
     if len(items) == 1:
@@ -218,6 +214,47 @@ def _probe(path: str) -> list[Item]:
         for k, it in enumerate(items):
             it.tag = f"{base}_{k:05d}"
     return items
+
+
+def _distinct_images(experiments) -> list[tuple[Any, int]]:
+    """(experiment, index in its imageset) of each distinct image, in order.
+
+    Several experiments can share one imageset:
+
+    * stills from dials.import: one experiment per image, sharing an ImageSet
+      of all the images; experiment k is image k (DIALS's convention);
+    * a multi-image file of zero-width images with a scan (e.g. NXmx stills
+      with a fixed goniometer): one experiment per image, each holding the
+      whole ImageSequence.
+
+    Counting every experiment's images would list each image once per
+    experiment. Images are identified by (file, index in file).
+    """
+    experiments = list(experiments)
+
+    def image_keys(imageset):
+        indices = imageset.indices()
+        return tuple((imageset.get_path(j), int(indices[j])) for j in range(len(imageset)))
+
+    keys = [image_keys(e.imageset) for e in experiments]
+    sharing: dict = {}
+    for k in keys:
+        sharing[k] = sharing.get(k, 0) + 1
+    position: dict = {}
+    seen: set = set()
+    out = []
+    for expt, k in zip(experiments, keys):
+        rank = position.get(k, 0)
+        position[k] = rank + 1
+        if expt.scan is None and sharing[k] == len(k) > 1:
+            owned = [rank]  # stills: the k-th experiment of the set is image k
+        else:
+            owned = range(len(k))
+        for j in owned:
+            if k[j] not in seen:
+                seen.add(k[j])
+                out.append((expt, j))
+    return out
 
 
 def _one_line(e: BaseException) -> str:
@@ -323,7 +360,6 @@ def item_key(item: Item, fingerprint: str) -> str:
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "frame": item.frame,
-        "expt_index": item.expt_index,
         "route": item.route,
         "osc_width": round(item.osc_width, 6),
         "params": fingerprint,
@@ -396,27 +432,27 @@ def load_item_experiments(item: Item, params):
     """One-image ExperimentList for ``item``, geometry overrides applied."""
     from dials.command_line.dials_import import ManualGeometryUpdater
     from dials.command_line.stills_process import do_import, sync_geometry
-    from dxtbx.imageset import ImageSetFactory
+    from dxtbx.imageset import ImageSequence, ImageSetFactory
     from dxtbx.model.experiment_list import Experiment, ExperimentList
 
+    # the frame numbering of _probe: each distinct image once
     if item.source == "expt":
-        full = ExperimentList.from_file(item.path, check_format=True)
-        expt = full[item.expt_index]
-        imageset = ImageSetFactory.imageset_from_anyset(expt.imageset)
-        experiments = ExperimentList(
-            [
-                Experiment(
-                    imageset=imageset[item.frame : item.frame + 1],
-                    detector=expt.detector,
-                    beam=expt.beam,
-                    scan=expt.scan,
-                    goniometer=expt.goniometer,
-                )
-            ]
-        )
+        expt, j = _distinct_images(ExperimentList.from_file(item.path, check_format=True))[item.frame]
     else:
-        experiments = do_import(item.path, load_models=False)[item.frame : item.frame + 1]
-        experiments[0].load_models()
+        expt, j = _distinct_images(do_import(item.path, load_models=False))[item.frame]
+    # a one-image ImageSet of image j (an experiment may hold a whole sequence)
+    imageset = ImageSetFactory.imageset_from_anyset(expt.imageset)[j : j + 1]
+    if item.source == "expt":  # the experiment's (possibly refined) models
+        models = dict(detector=expt.detector, beam=expt.beam, scan=expt.scan, goniometer=expt.goniometer)
+    else:  # image j's own models (an XFEL shot may have its own wavelength)
+        source = expt.imageset
+        if isinstance(source, ImageSequence):
+            models = dict(detector=source.get_detector(), beam=source.get_beam(),
+                          scan=source.get_scan(), goniometer=source.get_goniometer())
+        else:
+            models = dict(detector=source.get_detector(j), beam=source.get_beam(j),
+                          scan=None, goniometer=source.get_goniometer(j))
+    experiments = ExperimentList([Experiment(imageset=imageset, **models)])
     experiment = experiments[0]
     imageset = experiment.imageset
     ManualGeometryUpdater(params)(imageset)

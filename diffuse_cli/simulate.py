@@ -210,6 +210,10 @@ class DiffuseModelParameters:
     water_amplitude: float = 120.0
     water_d_star: float = 1.0 / 3.1  # Å⁻¹
     water_width: float = 0.03  # Å⁻¹, Gaussian sigma in d*
+    # independent-atom scattering (absolute-scale mode), off when composition is ""
+    composition: str = ""  # atoms per unit cell, "C:4920,N:1560,..."
+    wilson_b: float = 0.0  # Å², Bragg fraction exp(-B d*²/2) of Σf² (left to the spots)
+    photons_per_electron_unit: float = 0.0  # photons/µsr/s per electron unit per cell
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -240,6 +244,12 @@ class TruthModel:
     * ``shell = A_s exp(−(ρ − ρ0)² / 2σ_s²)``, ``ρ = sqrt(xᵀ M x)`` (Å⁻¹) with
       M the Laue average of an anisotropic, tilted metric.
     * ``water = A_w exp(−(d* − d*_w)² / 2σ_w²)``, isotropic.
+    * ``atomic = c·[(1 − exp(−B d*²/2))·Σf² + ΣI_inc]`` when a composition is
+      given (absolute-scale mode): the independent-atom total scattering per
+      unit cell in electron units (``diffuse_cli.absolute_scale.theory``) less
+      its Bragg (Wilson) part, which the Bragg spots carry; ``c`` =
+      ``intensity_scale·photons_per_electron_unit`` is the simulated absolute
+      scale. Tabulated on a fine d* grid and interpolated.
 
     ``x`` is fractional hkl; everything is deterministic given the parameters
     (including ``seed``), so :meth:`from_json` rebuilds the same truth.
@@ -274,6 +284,18 @@ class TruthModel:
         d2 = np.sum((H @ self.B.T) ** 2, axis=1).reshape(self.halo_weights.values.shape)
         self.halo_weights.values *= s * p.halo_amplitude * np.exp(-p.halo_b_factor * d2 / 4.0)
         self.water_on = True
+        self._atomic_table = None
+        if p.composition:
+            from diffuse_cli import absolute_scale
+
+            ds = np.linspace(0.0, 1.05 / p.d_min, 4097)
+            coh, inc = absolute_scale.theory(absolute_scale.parse_composition(p.composition), ds, wilson_b=p.wilson_b)
+            self._atomic_table = (ds, self.photons_per_electron_unit * (coh + inc))
+
+    @property
+    def photons_per_electron_unit(self) -> float:
+        """The simulated absolute scale c: I_true per electron unit per unit cell."""
+        return self.p.intensity_scale * self.p.photons_per_electron_unit
 
     # -- evaluation
     def halo(self, hkl: np.ndarray) -> np.ndarray:
@@ -302,6 +324,16 @@ class TruthModel:
             -0.5 * ((d_star - p.water_d_star) / p.water_width) ** 2
         )
 
+    def atomic(self, d_star: np.ndarray) -> np.ndarray:
+        """Independent-atom scattering less its Bragg part (photons/µsr/s); 0 without a composition."""
+        if self._atomic_table is None:
+            return np.zeros_like(d_star)
+        return np.interp(d_star, *self._atomic_table)
+
+    def isotropic(self, d_star: np.ndarray) -> np.ndarray:
+        """The terms that depend on |q| only: water ring + atomic scattering."""
+        return self.water(d_star) + self.atomic(d_star)
+
     def d_star(self, hkl: np.ndarray) -> np.ndarray:
         """|q| = |B h| (Å⁻¹)."""
         return np.sqrt(quadratic_form(hkl, self.B.T @ self.B))
@@ -311,7 +343,7 @@ class TruthModel:
         hkl = np.asarray(hkl, dtype=np.float64)
         if d_star is None:
             d_star = self.d_star(hkl)
-        return self.diffuse(hkl) + self.water(d_star)
+        return self.diffuse(hkl) + self.isotropic(d_star)
 
     # -- persistence
     def to_dict(self) -> dict:
@@ -328,10 +360,13 @@ class TruthModel:
             "formula": (
                 "I_true = intensity_scale*background + sum_H w(H) g((x-H)^T G (x-H)) "
                 "+ intensity_scale*shell_amplitude*exp(-(sqrt(x^T M x)-shell_radius)^2/(2 shell_width^2)) "
-                "+ intensity_scale*water_amplitude*exp(-(d*-water_d_star)^2/(2 water_width^2)); "
+                "+ intensity_scale*water_amplitude*exp(-(d*-water_d_star)^2/(2 water_width^2)) "
+                "+ intensity_scale*photons_per_electron_unit*((1-exp(-wilson_b d*^2/2)) sum f^2 + sum I_inc) "
+                "[composition given; f: cctbx wk1995, I_inc = Z - f^2/Z, per unit cell]; "
                 "g(u) = max(exp(-u/2)-exp(-c/2), 0)/(1-exp(-c/2)); photons per microsteradian "
                 "per second at scale 1"
             ),
+            "photons_per_electron_unit": self.photons_per_electron_unit if self.p.composition else None,
         }
 
     @classmethod
@@ -731,7 +766,8 @@ class Simulator:
             seed=seed,
             d_min=self.d_min,
             intensity_scale=params.model.intensity_scale,
-            background=params.model.background,
+            # the atomic scattering replaces the flat floor in absolute-scale mode
+            background=0.0 if params.absolute_scale.composition else params.model.background,
             halo_amplitude=params.model.halo.amplitude,
             halo_sigma=tuple(params.model.halo.sigma),
             halo_tilt_deg=params.model.halo.tilt_deg,
@@ -744,6 +780,9 @@ class Simulator:
             water_amplitude=params.model.water.amplitude,
             water_d_star=1.0 / params.model.water.d,
             water_width=params.model.water.width,
+            composition=params.absolute_scale.composition or "",
+            wilson_b=params.absolute_scale.wilson_b,
+            photons_per_electron_unit=params.absolute_scale.photons_per_electron_unit,
         )
         self.truth = TruthModel(mp)
         self.truth.water_on = bool(params.water_ring)
@@ -754,13 +793,13 @@ class Simulator:
             self._bragg_H = H[nz].astype(np.float64)
             self._bragg_I = self.bragg.values.ravel()[nz]
             self._bragg_d_star = self.truth.d_star(self._bragg_H)
-        # per-pixel static parts: exposure * Ω/µsr * P η T, water (depends on |q| only)
+        # per-pixel static parts: exposure * Ω/µsr * P η T, water + atomic (|q| only)
         t = params.exposure_time
         self._static_factor = [
             t * f["solid_angle"] / MICROSTERADIAN * f["polarization"] * f["sensor_efficiency"] * f["air_transmission"]
             for f in self.factors
         ]
-        self._water = [self.truth.water(g.d_star) for g in self.geometry]
+        self._isotropic = [self.truth.isotropic(g.d_star) for g in self.geometry]
         return self
 
     # -- per still
@@ -775,7 +814,7 @@ class Simulator:
         """Expected diffuse counts per panel (no Bragg, no defects)."""
         A_inv_T = np.linalg.inv(st.A).T
         out = []
-        for g, F, W in zip(self.geometry, self._static_factor, self._water):
+        for g, F, W in zip(self.geometry, self._static_factor, self._isotropic):
             hkl = g.q @ A_inv_T
             out.append(st.scale * F * (self.truth.diffuse(hkl) + W))
         return out

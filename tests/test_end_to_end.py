@@ -25,6 +25,9 @@ from diffuse_cli.symmetry import reciprocal_metric
 pytestmark = pytest.mark.slow
 
 CELL = "79.1,79.1,37.9,90,90,90"
+# lysozyme-like: 8 × C613 H959 N193 O185 S10 plus ~3000 waters per unit cell
+COMPOSITION = "C:4904,N:1544,O:4480,S:80,H:13672"
+WILSON_B = 30.0
 KNOWN_SYMMETRY = [
     "indexing.known_symmetry.space_group=P43212",
     f"indexing.known_symmetry.unit_cell={CELL}",
@@ -56,8 +59,11 @@ def noisy_chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain50")
     return _chain(
         root,
-        ["n_stills=50", "seed=11", "noise=True", "scale_min=0.5", "scale_max=2", "truth.ndiv=2"],
-        ["ndiv=2", "space_group=P43212"],
+        ["n_stills=50", "seed=11", "noise=True", "scale_min=0.5", "scale_max=2", "truth.ndiv=2",
+         f"absolute_scale.composition={COMPOSITION}", f"absolute_scale.wilson_b={WILSON_B}"],
+        # Krogh-Moe fit beyond the water ring (3.1 Å), Bragg peaks masked
+        ["ndiv=2", "space_group=P43212", f"composition={COMPOSITION}",
+         f"absolute_scale.wilson_b={WILSON_B}", "absolute_scale.fit_d_max=2.5"],
     )
 
 
@@ -76,17 +82,48 @@ def test_at_least_49_of_50_stills_processed(noisy_chain):
     assert sum(r["status"] == "indexed" for r in rows) >= 49
 
 
+def _truth_electron_units(chain, d_star):
+    """The simulated truth on the merged map's absolute scale: I_true / c − Σ I_inc."""
+    from diffuse_cli.absolute_scale import parse_composition, theory
+
+    truth = np.load(chain / "sim" / "truth.npz")
+    c = json.loads((chain / "sim" / "truth.json").read_text())["truth_model"]["photons_per_electron_unit"]
+    _, inc = theory(parse_composition(COMPOSITION), d_star)
+    return truth["I"].ravel() / c - inc
+
+
 def test_merged_map_correlates_with_truth(noisy_chain):
     truth = np.load(noisy_chain / "sim" / "truth.npz")
     merged = np.load(noisy_chain / "merged" / "merged.npz")
     assert merged["I"].shape == truth["I"].shape
     for name in ("h", "k", "l"):
         np.testing.assert_allclose(merged[name], truth[name])
-    a = map_agreement(truth["I"].ravel(), merged["I"].ravel(), merged["counts"].ravel(),
-                      _d_star_of_grid(merged), min_counts=3)
+    d_star = _d_star_of_grid(merged)
+    a = map_agreement(_truth_electron_units(noisy_chain, d_star), merged["I"].ravel(),
+                      merged["counts"].ravel(), d_star, min_counts=3)
     assert a["n_voxels"] > 100_000
     assert a["cc_total"] >= 0.98, a
     assert a["cc_anisotropic"] >= 0.98, a
+
+
+def test_absolute_scale_matches_simulated(noisy_chain):
+    """With the composition, merged.npz is in electron units per unit cell
+    (incoherent subtracted): it matches I_true / c − Σ I_inc within 5 %."""
+    merged = np.load(noisy_chain / "merged" / "merged.npz")
+    d_star = _d_star_of_grid(merged)
+    truth_eu = _truth_electron_units(noisy_chain, d_star)
+    I, n = merged["I"].ravel(), merged["counts"].ravel()
+    ok = (n >= 3) & np.isfinite(I) & np.isfinite(truth_eu)
+    slope = float(np.sum(I[ok] * truth_eu[ok]) / np.sum(truth_eu[ok] ** 2))
+    assert abs(slope - 1) < 0.05, slope
+    # shell by shell too, outside the water ring and the low-angle shells
+    sc = json.loads((noisy_chain / "merged" / "absolute_scale.json").read_text())
+    assert sc["wilson_b"] == WILSON_B and sc["K"] > 0
+    for lo in (0.2, 0.3, 0.4):
+        s = ok & (d_star >= lo) & (d_star < lo + 0.1)
+        assert s.sum() > 1000
+        assert abs(np.mean(I[s]) / np.mean(truth_eu[s]) - 1) < 0.05, (lo, np.mean(I[s]), np.mean(truth_eu[s]))
+    assert (noisy_chain / "merged" / "absolute_scale.png").stat().st_size > 10_000
 
 
 def test_per_still_scales_recovered(noisy_chain):

@@ -69,3 +69,34 @@ def test_plot_absolute_scale(tmp_path):
     assert sc.K == pytest.approx(10.0, rel=1e-9)
     absc.plot_absolute_scale(sc, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 10000
+
+
+def test_wilson_b_removes_the_bragg_part():
+    """With Bragg peaks masked only (1 − exp(−B s²/2))·Σf² + ΣI_inc remains:
+    the fit with wilson_b recovers K exactly, the total-scattering fit does not."""
+    ds = np.linspace(0.05, 0.5, 40)
+    coh, inc = absc.theory(COMP, ds)
+    coh_b, inc_b = absc.theory(COMP, ds, wilson_b=30.0)
+    np.testing.assert_allclose(inc_b, inc)
+    np.testing.assert_allclose(coh_b, coh * (1 - np.exp(-15.0 * ds * ds)), rtol=1e-12)
+    between_bragg = (coh_b + inc) / 7.0
+    sc = absc.fit_absolute_scale(ds, between_bragg, COMP, fit_range=(0.3, 0.5), wilson_b=30.0)
+    assert sc.K == pytest.approx(7.0, rel=1e-9) and sc.as_dict()["wilson_b"] == 30.0
+    biased = absc.fit_absolute_scale(ds, between_bragg, COMP, fit_range=(0.3, 0.5))
+    assert biased.K > 7.0 * 1.05  # the missing Bragg part inflates K
+
+
+def test_simulator_atomic_term_is_the_merge_theory():
+    from diffuse_cli.simulate import DiffuseModelParameters, TruthModel
+
+    p = DiffuseModelParameters(unit_cell=(40.0, 40.0, 60.0, 90, 90, 90), space_group="P4", seed=1, d_min=1.8,
+                               composition="C:120,N:32,O:40,S:1,H:190", wilson_b=25.0,
+                               photons_per_electron_unit=1e-3, intensity_scale=2.0)
+    model = TruthModel(p)
+    ds = np.linspace(0.0, 1 / 1.8, 50)
+    coh, inc = absc.theory(COMP, ds, wilson_b=25.0)
+    np.testing.assert_allclose(model.atomic(ds), 2e-3 * (coh + inc), rtol=1e-4)
+    assert model.photons_per_electron_unit == 2e-3
+    # rebuilt from truth.json's dict with the same term
+    again = TruthModel.from_dict(model.to_dict())
+    np.testing.assert_allclose(again.atomic(ds), model.atomic(ds))

@@ -133,6 +133,12 @@ absolute_scale {
   fit_d_max = None
     .type = float(value_min=0)
     .help = "Low-resolution end (Å) of the fit (default: outer 40% in d*)."
+  wilson_b = None
+    .type = float(value_min=0)
+    .help = "Å^2. The Bragg peaks were masked: compare with the scattering left"
+            "between them, (1 - exp(-B d*^2/2)) sum f^2 + sum I_inc, instead of the"
+            "total (e.g. the Wilson B from the Bragg data). None: the total, as"
+            "for a map with the Bragg peaks in it or a fit range where they have died out."
 }
 composition = None
   .type = str
@@ -452,7 +458,8 @@ def merge(experiments, files, params, comm=None):
             top = float(centres[np.isfinite(prof)].max())
             fit_range = (lo or 0.6 * (hi or top), hi or top)
         try:
-            sc = absc.fit_absolute_scale(centres, prof, comp, fit_range=fit_range, counts=nprof)
+            sc = absc.fit_absolute_scale(centres, prof, comp, fit_range=fit_range, counts=nprof,
+                                         wilson_b=params.absolute_scale.wilson_b)
         except ValueError as e:
             raise Sorry(f"absolute scale: {e}") from e
         I_full, sig_full = absc.to_electron_units(I_full, sig_full, ds_full, sc)

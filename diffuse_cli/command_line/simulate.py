@@ -193,6 +193,23 @@ model {
       .help = "Gaussian sigma in d* (Å^-1)."
   }
 }
+absolute_scale {
+  composition = None
+    .type = str
+    .help = "Atoms per unit cell, e.g. C:4920,N:1560,O:1680,S:80,H:7800. Adds the"
+            "independent-atom scattering per unit cell, (1 - exp(-wilson_b d*^2/2))"
+            "sum f^2 + sum I_inc in electron units times photons_per_electron_unit,"
+            "to I_true and drops model.background: the truth then has a known"
+            "absolute scale (recorded in truth.json) for diffuse.merge composition=..."
+  wilson_b = 30.0
+    .type = float(value_min=0)
+    .help = "Å^2. The Bragg (Wilson) part exp(-B d*^2/2) sum f^2 is left out of the"
+            "continuous scattering (the Bragg spots carry it)."
+  photons_per_electron_unit = 0.0001
+    .type = float(value_min=0)
+    .help = "Photons per microsteradian per second (scale 1) per electron unit per"
+            "unit cell: the simulated absolute scale."
+}
 bragg_model {
   intensity = 100000.0
     .type = float(value_min=0)
