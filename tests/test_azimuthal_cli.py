@@ -127,6 +127,22 @@ def test_series_fit_end_to_end(series_images, tmp_path):
     assert (out / "plots" / f"{stem}_azimuthal_q{Q0:.4f}.png").exists()
 
 
+def test_nproc_2_gives_the_serial_fits(series_images, tmp_path):
+    d, truth = series_images
+    images = sorted(str(p) for p in d.glob("*.cbf"))
+    tables = []
+    for nproc in (1, 2):
+        out = tmp_path / f"az{nproc}"
+        azimuthal_fit.run([*images, f"q={Q0}", "q_tolerance=0.03", "fit.radial_range=1.4,2.6",
+                           "series.header_key=timestamp", "maps.enable=False", "output.plots=False",
+                           f"nproc={nproc}", f"output.directory={out}", f"output.log={tmp_path / f'l{nproc}.txt'}"])
+        tables.append((out / "fits.csv").read_text())
+        # the timestamp series counts from the first image, whichever worker reads it
+        assert float(read_rows(out / "fits.csv")[0]["series"]) == 0.0
+    assert tables[0] == tables[1]
+    assert len(read_rows(tmp_path / "az2" / "fits.csv")) >= 3 * 3
+
+
 def test_series_from_header_and_csv_and_mask(series_images, tmp_path):
     d, truth = series_images
     images = sorted(str(p) for p in d.glob("*.cbf"))

@@ -684,6 +684,64 @@ def process_merged(path, params, outdir):
     return fit_rows(base, "radial", float("nan"), prof, fits)
 
 
+# State shared with forked workers (set before the pool starts).
+_STATE: dict = {}
+
+
+def process_image(ordinal: int) -> list[dict]:
+    """Profiles, fits, plots and maps of image ``ordinal``; returns its fits.csv rows."""
+    st = _STATE
+    params, outdir, cache = st["params"], st["outdir"], st["cache"]
+    iset, index, expt = st["images"][ordinal]
+    rows: list[dict] = []
+    stem = image_stem(iset, index)
+    detector, beam = expt.detector, expt.beam
+    entry = cache.get(detector, beam, iset)
+    image = az.ImageData(iset.get_raw_data(index), entry["pixels"])
+    value = st["series_values"][ordinal]
+    base = {"image": os.path.basename(iset.get_path(index)), "image_index": index, params.series.name: value}
+
+    ring_qs = []
+    for label, binning in radial_binnings(entry, params).items():
+        prof = binning.profile(image, params.error_model)
+        prof.write_csv(os.path.join(outdir, "profiles", f"{stem}_{label}.csv"))
+        if params.output.sasview:
+            prof.write_sasview(os.path.join(outdir, "profiles", f"{stem}_{label}.dat"))
+        fits = fit_radial(prof, params)
+        rows += fit_rows(base, label, float("nan"), prof, fits)
+        if params.output.plots:
+            plot_profile(os.path.join(outdir, "plots", f"{stem}_{label}.png"), prof, fits, f"{stem} {label}", params.q or [])
+    for label, q, meta in azimuthal_targets(params, expt):
+        ring_qs.append(q)
+        prof = azimuthal_binning(entry, label, q, params).profile(image, params.error_model)
+        prof.write_csv(os.path.join(outdir, "profiles", f"{stem}_{label}.csv"))
+        fits = fit_azimuthal(prof, params)
+        # model-free S of the measured profile (background included, so
+        # comparable with S_total) about each fit's centre
+        rows_here = fit_rows(base, label, q, prof, fits)
+        for row, res in zip(rows_here, fits):
+            row["S_data"] = (
+                pf.order_parameter_from_profile(prof.x, prof.I, res.params["centre"])
+                if res.success
+                else float("nan")
+            )
+            if not res.success:
+                logger.warning("%s %s %s: fit failed: %s", stem, label, res.model, res.message)
+        rows += rows_here
+        if params.output.plots:
+            plot_profile(
+                os.path.join(outdir, "plots", f"{stem}_{label}.png"),
+                prof,
+                fits,
+                f"{stem} {label}: |q − {q:.4g}| ≤ {params.q_tolerance:g} Å⁻¹",
+            )
+    if params.maps.enable:
+        rings = params.maps.rings if params.maps.rings else ring_qs
+        write_maps(os.path.join(outdir, "maps"), stem, entry, image, params, rings)
+
+    return rows
+
+
 @program.entry_point("azimuthal_fit")
 def run(args=None, phil=phil_scope):
     from dials.util.options import flatten_experiments
@@ -705,8 +763,6 @@ def run(args=None, phil=phil_scope):
     experiments = flatten_experiments(params.input.experiments)
     if len(experiments) == 0 and not params.input.merged:
         raise Sorry("No experiments (.expt) or merged map (.npz) given")
-    if params.nproc not in (None, 1):
-        logger.info("diffuse.azimuthal_fit runs on one process (nproc=%s ignored)", params.nproc)
     user_mask = None
     if params.input.mask:
         if not os.path.exists(params.input.mask):
@@ -736,51 +792,18 @@ def run(args=None, phil=phil_scope):
     cache = GeometryCache(params, user_mask)
     if images:
         logger.info("%d image(s); q convention: q_inv_angstrom = 4π sinθ/λ = 2π/d", len(images))
-    for ordinal, (iset, index, expt) in enumerate(program.progress(images, desc="images", unit="image")):
-        stem = image_stem(iset, index)
-        detector, beam = expt.detector, expt.beam
-        entry = cache.get(detector, beam, iset)
-        image = az.ImageData(iset.get_raw_data(index), entry["pixels"])
-        value = series(iset, index, ordinal)
-        base = {"image": os.path.basename(iset.get_path(index)), "image_index": index, params.series.name: value}
-
-        ring_qs = []
-        for label, binning in radial_binnings(entry, params).items():
-            prof = binning.profile(image, params.error_model)
-            prof.write_csv(os.path.join(outdir, "profiles", f"{stem}_{label}.csv"))
-            if params.output.sasview:
-                prof.write_sasview(os.path.join(outdir, "profiles", f"{stem}_{label}.dat"))
-            fits = fit_radial(prof, params)
-            rows += fit_rows(base, label, float("nan"), prof, fits)
-            if params.output.plots:
-                plot_profile(os.path.join(outdir, "plots", f"{stem}_{label}.png"), prof, fits, f"{stem} {label}", params.q or [])
-        for label, q, meta in azimuthal_targets(params, expt):
-            ring_qs.append(q)
-            prof = azimuthal_binning(entry, label, q, params).profile(image, params.error_model)
-            prof.write_csv(os.path.join(outdir, "profiles", f"{stem}_{label}.csv"))
-            fits = fit_azimuthal(prof, params)
-            # model-free S of the measured profile (background included, so
-            # comparable with S_total) about each fit's centre
-            rows_here = fit_rows(base, label, q, prof, fits)
-            for row, res in zip(rows_here, fits):
-                row["S_data"] = (
-                    pf.order_parameter_from_profile(prof.x, prof.I, res.params["centre"])
-                    if res.success
-                    else float("nan")
-                )
-                if not res.success:
-                    logger.warning("%s %s %s: fit failed: %s", stem, label, res.model, res.message)
-            rows += rows_here
-            if params.output.plots:
-                plot_profile(
-                    os.path.join(outdir, "plots", f"{stem}_{label}.png"),
-                    prof,
-                    fits,
-                    f"{stem} {label}: |q − {q:.4g}| ≤ {params.q_tolerance:g} Å⁻¹",
-                )
-        if params.maps.enable:
-            rings = params.maps.rings if params.maps.rings else ring_qs
-            write_maps(os.path.join(outdir, "maps"), stem, entry, image, params, rings)
+    nproc = min(program.resolve_nproc(params.nproc), max(1, len(images)))
+    # series values in image order (a timestamp series counts from the first
+    # image) and the geometry, before the workers fork
+    series_values = [series(iset, index, ordinal) for ordinal, (iset, index, _) in enumerate(images)]
+    for iset, _, expt in images:
+        cache.get(expt.detector, expt.beam, iset)
+    _STATE.update(params=params, outdir=outdir, cache=cache, images=images, series_values=series_values)
+    try:
+        for image_rows in program.parallel_map(process_image, range(len(images)), nproc, desc="images", unit="image"):
+            rows += image_rows
+    finally:
+        _STATE.clear()
 
     for r in rows:
         r.setdefault("S_data", float("nan"))
