@@ -522,29 +522,13 @@ def still_background(still: dict, pixels: np.ndarray, background: dict | None):
     raise ValueError(f"unknown background mode {mode!r}")
 
 
-def still_intensities(still: dict, total: np.ndarray, background: dict | None = None, name=""):
-    """Used pixel indices, I and σ of a corrected still.
-
-    ``still``: the corrected file's arrays plus ``mask_bits`` and the counts
-    of the extracted file it refers to (as ``load_observations`` assembles).
-
-    ``total`` is the per-detector multiplier (all pixels); ``background`` the
-    background-map dict when the still uses one.
-    """
-    pixels = used_pixels(still["mask_bits"], still["n_pixels"])
-    counts = unpack_counts(still)
-    if len(pixels) != len(counts):
-        raise ValueError(f"{name}: {len(counts)} counts for {len(pixels)} used pixels")
-    bg, bg_var = still_background(still, pixels, background)
-    intensity, sigma = corrected_intensity(
-        counts,
-        total[pixels],
-        float(still["exposure_time"]),
-        gain=float(still["gain"]),
-        background=bg,
-        background_variance=bg_var,
-    )
-    return pixels, intensity, sigma
+def _detector_arrays(factors_path) -> dict:
+    """Per-detector arrays load_observations gathers from: ``total``, and q and
+    |q| of every pixel (float32, computed once per detector, not per still)."""
+    f = load_npz(factors_path, FACTORS_SCHEMA)
+    q = f["s1"].astype(np.float64) - f["s0"]
+    d_star = np.sqrt(np.einsum("ij,ij->i", q, q))
+    return {"total": f["total"], "q": q.astype(np.float32), "d_star": d_star.astype(np.float32)}
 
 
 _DEFAULT_CACHE: dict = {}
@@ -622,22 +606,30 @@ def load_observations(corrected_file, cache: dict | None = None, with_pixels: bo
     directory = os.path.dirname(os.path.abspath(corrected_file))
     still.update(_referenced_extract(corrected_file, still))
     fpath = os.path.join(directory, str(still["factors_file"]))
-    factors = _cached(cache, fpath, lambda: {k: v for k, v in load_npz(fpath, FACTORS_SCHEMA).items() if k in ("s1", "s0", "total")})
+    factors = _cached(cache, fpath, lambda: _detector_arrays(fpath))
     background = None
     if str(still["background_mode"]) == "map":
         bpath = os.path.join(directory, str(still["background_file"]))
         background = _cached(cache, bpath, lambda: load_npz(bpath, BACKGROUND_SCHEMA))
 
-    pixels, intensity, sigma = still_intensities(still, factors["total"], background, name=corrected_file)
-    q = factors["s1"][pixels].astype(np.float64) - factors["s0"]
+    pixels = used_pixels(still["mask_bits"], still["n_pixels"])
+    counts = unpack_counts(still)
+    if len(pixels) != len(counts):
+        raise ValueError(f"{corrected_file}: {len(counts)} counts for {len(pixels)} used pixels")
+    total = factors["total"][pixels]
+    bg, bg_var = still_background(still, pixels, background)
+    t = float(still["exposure_time"])
+    intensity, sigma = corrected_intensity(
+        counts, total, t, gain=float(still["gain"]), background=bg, background_variance=bg_var
+    )
     out = {
-        "hkl": hkl_from_q(q, still["A"]),
+        "hkl": hkl_from_q(factors["q"][pixels], still["A"]),
         "I": intensity,
         "sigma": sigma,
         # Poisson variance added per unit of corrected intensity (multiplier/t;
         # gain cancels): lets diffuse.merge weight by EXPECTED, not observed, counts
-        "variance_per_intensity": factors["total"][pixels] / float(still["exposure_time"]),
-        "d_star": np.linalg.norm(q, axis=1),
+        "variance_per_intensity": total / t,
+        "d_star": factors["d_star"][pixels].astype(np.float64),
         "still_id": str(still["still_id"]),
         "experiment_index": int(still["experiment_index"]),
     }

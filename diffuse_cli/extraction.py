@@ -31,6 +31,7 @@ from libtbx.utils import Sorry
 
 from diffuse_cli import dials_compat, program
 from diffuse_cli.geometry import (
+    hkl_from_q,
     lab_coordinates_at,
     pixel_lab_coordinates,
     s1_from_lab,
@@ -458,15 +459,9 @@ def used_q(extracted: Extracted, geometry: DetectorGeometry) -> np.ndarray:
 
 def used_hkl(extracted: Extracted, geometry: DetectorGeometry, q: np.ndarray | None = None) -> np.ndarray:
     """Fractional Miller indices A⁻¹q ((Nused, 3), float64) of the used pixels."""
-    M_inv = np.linalg.inv(extracted.A)
     if q is None:
         q = used_q(extracted, geometry)
-    cols = [q[:, i] for i in range(3)]
-    # column-wise: ~2x faster than an (N, 3) @ (3, 3) matmul in numpy
-    out = np.empty((cols[0].shape[0], 3), dtype=np.float64)
-    for j in range(3):
-        out[:, j] = cols[0] * M_inv[j, 0] + cols[1] * M_inv[j, 1] + cols[2] * M_inv[j, 2]
-    return out
+    return hkl_from_q(q, extracted.A)
 
 
 def used_d_star(extracted: Extracted, geometry: DetectorGeometry, q: np.ndarray | None = None) -> np.ndarray:

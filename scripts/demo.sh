@@ -10,9 +10,13 @@ cd "$out"
 
 step() { printf '\n==== %s\n' "$*"; }
 
-step "1/7 diffuse.simulate: 20 stills from a known diffuse truth (P43212 lysozyme-like cell)"
+# lysozyme-like unit cell contents: 8 molecules plus ~3000 waters
+composition="C:4904,N:1544,O:4480,S:80,H:13672"
+
+step "1/7 diffuse.simulate: 20 stills from a known diffuse truth (P43212 lysozyme-like cell, known absolute scale)"
 if [ ! -f sim/truth.npz ]; then
   "$bin/diffuse.simulate" n_stills=20 seed=1 nproc="$nproc" output.directory=sim truth.ndiv=3 \
+    absolute_scale.composition="$composition" absolute_scale.wilson_b=30 \
     output.log=diffuse.simulate.log
 fi
 
@@ -32,8 +36,9 @@ step "4/7 diffuse.extract: usable pixels, q and hkl"
 step "5/7 diffuse.correct: solid angle, polarization, sensor, air, exposure"
 "$bin/diffuse.correct" processed/combined.expt extracted/ output.directory=corrected nproc="$nproc"
 
-step "6/7 diffuse.merge: 3D map, scaling, CC1/2"
+step "6/7 diffuse.merge: 3D map, scaling, CC1/2, absolute scale (Krogh-Moe, Bragg peaks masked)"
 "$bin/diffuse.merge" processed/combined.expt corrected/ ndiv=3 space_group=P43212 \
+  composition="$composition" absolute_scale.wilson_b=30 absolute_scale.fit_d_max=2.5 \
   output.directory=merged
 
 step "7/7 diffuse.azimuthal_fit: radial profile and water-ring azimuthal profile of one still (Bragg-masked)"
@@ -50,7 +55,8 @@ Done. Results are in $out:
   DIALS processing           $out/processed/      (combined.expt/.refl, stills_process_summary.csv, qc_*.png)
   masks                      $out/bragg_masks/    (static.mask, per-still masks, overlay PNG)
   extracted / corrected      $out/extracted/  $out/corrected/
-  merged map                 $out/merged/         (merged.npz, merged.ccp4, slices PNG, statistics)
+  merged map                 $out/merged/         (merged.npz, merged.ccp4, slices PNG, statistics,
+                                                   absolute_scale.png: electron units per unit cell)
   merged vs truth            $out/merged/demo_vs_truth.png
   profiles and fits          $out/azimuthal_fit/
 Pictures:
