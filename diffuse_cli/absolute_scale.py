@@ -210,7 +210,7 @@ def plot_absolute_scale(scale: AbsoluteScale, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(scale.d_star, scale.K * scale.mean_I, "k.-", lw=1, ms=3, label="K·⟨I⟩ (data)")
-    coherent = "(1 − e^{−Bs²/2})Σf²" if scale.wilson_b else "Σf²"
+    coherent = "(1 − exp(−Bs²/2))·Σf²" if scale.wilson_b else "Σf²"
     ax.plot(scale.d_star, scale.coherent + scale.incoherent, "C0-", label=f"{coherent} + I_inc (theory)")
     ax.plot(scale.d_star, scale.coherent, "C1--", label=f"{coherent} (coherent)")
     ax.plot(scale.d_star, scale.incoherent, "C2:", label="Σ I_inc")

@@ -17,6 +17,7 @@ step "1/7 diffuse.simulate: 20 stills from a known diffuse truth (P43212 lysozym
 if [ ! -f sim/truth.npz ]; then
   "$bin/diffuse.simulate" n_stills=20 seed=1 nproc="$nproc" output.directory=sim truth.ndiv=3 \
     absolute_scale.composition="$composition" absolute_scale.wilson_b=30 \
+    model.halo.amplitude=40 model.shell.amplitude=50 model.water.amplitude=30 \
     output.log=diffuse.simulate.log
 fi
 
