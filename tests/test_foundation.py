@@ -133,6 +133,13 @@ def test_default_phil_file_parses(program):
     user = libtbx.phil.parse(phil_file.read_text(), process_includes=True)
     _, unused = module.phil_scope.fetch(sources=[user], track_unused_definitions=True)
     assert not unused, f"unknown parameters in {phil_file.name}: {[u.path for u in unused]}"
+    if program != "stills_process":  # that one includes all of DIALS's scope
+        listed = {d.path for d in user.all_definitions()}
+        missing = sorted({d.path for d in module.phil_scope.all_definitions()} - listed)
+        assert not missing, f"{phil_file.name} lacks {missing}"
+        # and it holds the program's defaults, not other values
+        diff = module.phil_scope.fetch_diff(sources=[user]).as_str()
+        assert diff == "", f"{phil_file.name} differs from the defaults:\n{diff}"
 
 
 @pytest.mark.real_data
