@@ -183,14 +183,17 @@ class ImageData:
         them from the sums and from the pixel counts
     bad_values: float64 values at ``bad`` (0 where not finite, in which case
         ``values`` is a float copy with those pixels set to 0)
+    multiplier: None, or (Npix,) per-pixel factors m applied to the raw
+        counts c (e.g. diffuse.correct's multipliers / exposure time):
+        ``values`` = m·c, and the Poisson variance of a value is m·(m·c)
 
     Consecutive images with the same bad pixels (detector gaps, dead pixels)
     reuse each binning's per-bin bad-pixel counts (see ``bad_key``).
     """
 
-    __slots__ = ("values", "bad", "bad_values", "bad_key", "_bad_flags")
+    __slots__ = ("values", "bad", "bad_values", "bad_key", "_bad_flags", "multiplier")
 
-    def __init__(self, raw, pixels: DetectorPixels):
+    def __init__(self, raw, pixels: DetectorPixels, multiplier: np.ndarray | None = None):
         values = flatten_panels(raw)
         if values.size != pixels.n_pixels:
             raise ValueError(f"image has {values.size} pixels, the detector {pixels.n_pixels}")
@@ -207,9 +210,14 @@ class ImageData:
             self.bad = np.zeros(0, dtype=np.intp)
         else:
             self.bad = np.flatnonzero(bad_flags)
+        if multiplier is not None:
+            if multiplier.shape != values.shape:
+                raise ValueError(f"multiplier has {multiplier.size} pixels, the image {values.size}")
+            values = values.astype(np.float64) * multiplier  # trusted range judged on the raw counts
         if nonfinite is not None and nonfinite.any():
             values = values.astype(np.float64)  # NaN would poison the sums
             values[self.bad] = 0.0
+        self.multiplier = multiplier
         self.values = values
         self.bad_values = values[self.bad].astype(np.float64)
         # cheap fingerprint of the bad-pixel set, for caching per binning
@@ -406,7 +414,7 @@ class Binning:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(n > 0, sums / n, np.nan)
             if error_model == "poisson":
-                sigma = np.sqrt(np.maximum(sums, 1.0)) / n
+                sigma = self._poisson_sigma(image, values, sums, n)
             elif error_model == "spread":
                 v2 = np.square(values, dtype=np.float64)
                 sq = bincount_chunked(self.index, v2, nb)[: self.n_bins]
@@ -418,6 +426,29 @@ class Binning:
                 raise ValueError(f"unknown error model {error_model!r}")
         sigma = np.where(n > 0, sigma, np.nan)
         return mean, sigma, n
+
+    def _poisson_sigma(self, image: ImageData, values, sums, n) -> np.ndarray:
+        """σ(mean) for counts: sqrt(Σ c)/n, floored at one count; with a
+        multiplier m (values v = m·c), sqrt(Σ m·v)/n, floored at one count at
+        the bin's mean multiplier."""
+        m = image.multiplier
+        if m is None:
+            return np.sqrt(np.maximum(sums, 1.0)) / n
+        nb = self.n_bins + 1
+        if self.pixels is None:
+            var = bincount_chunked(self.index, values * m, nb)[: self.n_bins]
+            m_sum = bincount_chunked(self.index, m, nb)[: self.n_bins]
+            if image.bad.size:
+                bad_bins = self.index[image.bad]
+                var -= np.bincount(bad_bins, weights=image.bad_values * m[image.bad], minlength=nb)[: self.n_bins]
+                m_sum -= np.bincount(bad_bins, weights=m[image.bad], minlength=nb)[: self.n_bins]
+        else:
+            m_used = m[self.pixels].astype(np.float64)
+            if image.bad.size:
+                m_used[image.bad_flags[self.pixels]] = 0.0
+            var = np.bincount(self.index, weights=values * m_used, minlength=nb)[: self.n_bins]
+            m_sum = np.bincount(self.index, weights=m_used, minlength=nb)[: self.n_bins]
+        return np.sqrt(np.maximum(var, (m_sum / n) ** 2)) / n
 
     def used_pixels(self) -> np.ndarray:
         """Flat indices of the pixels this binning uses (before per-image bad pixels)."""

@@ -64,6 +64,7 @@ import numpy as np
 
 import diffuse_cli  # noqa: F401  (DIALS environment before libtbx)
 from diffuse_cli import azimuthal as az
+from diffuse_cli import dials_compat
 from diffuse_cli import profile_fitting as pf
 from diffuse_cli import program
 
@@ -118,6 +119,14 @@ azimuthal {
   n_bins = 180
     .type = int(value_min=8)
     .help = "χ bins over the full circle."
+}
+corrections {
+  apply = False
+    .type = bool
+    .help = "Multiply each pixel by diffuse.correct's multipliers (solid angle per"
+            "microsteradian, polarization, sensor efficiency, air; docs/corrections.md)"
+            "and divide by the exposure time: profiles in photons/µsr/s instead of"
+            "raw counts per pixel. Poisson errors follow the counts."
 }
 error_model = *poisson spread
   .type = choice
@@ -406,6 +415,14 @@ class GeometryCache:
         except ValueError as e:
             raise Sorry(f"mask does not fit the detector: {e}")
         entry = {"detector": detector, "beam": beam, "ext_key": ext_key, "pixels": pixels, "mask": mask}
+        if self.params.corrections.apply:
+            from diffuse_cli import corrections
+
+            try:
+                total = corrections.detector_multipliers(detector, beam, corrections.CorrectionOptions())["total"]
+            except ValueError as e:
+                raise Sorry(f"corrections: {e}")
+            entry["multiplier"] = np.asarray(total, dtype=np.float64)
         self.entries.append(entry)
         del self.entries[: -self.max_entries]
         return entry
@@ -697,7 +714,14 @@ def process_image(ordinal: int) -> list[dict]:
     stem = image_stem(iset, index)
     detector, beam = expt.detector, expt.beam
     entry = cache.get(detector, beam, iset)
-    image = az.ImageData(iset.get_raw_data(index), entry["pixels"])
+    multiplier = None
+    if "multiplier" in entry:  # photons/µsr/s, as diffuse.correct
+        try:
+            t = dials_compat.exposure_time(iset, index)
+        except ValueError as e:
+            raise Sorry(f"corrections.apply=True needs the exposure time: {e}")
+        multiplier = entry["multiplier"] * (1.0 / t)
+    image = az.ImageData(iset.get_raw_data(index), entry["pixels"], multiplier=multiplier)
     value = st["series_values"][ordinal]
     base = {"image": os.path.basename(iset.get_path(index)), "image_index": index, params.series.name: value}
 
