@@ -165,7 +165,6 @@ def _probe(path: str) -> list[Item]:
         return [Item(path=path, error="not a file")]
     if os.path.getsize(path) == 0:
         return [Item(path=path, error="empty file")]
-    base = os.path.splitext(os.path.basename(path))[0]
     if path.endswith(".expt") or path.endswith(".json"):
         try:
             experiments = ExperimentList.from_file(path, check_format=False)
@@ -173,25 +172,8 @@ def _probe(path: str) -> list[Item]:
             if path.endswith(".json"):
                 return [Item(path=path, error="not a recognised image format or experiment list")]
             return [Item(path=path, error=f"cannot read experiment list: {_one_line(e)}")]
-        # frame = index among the distinct images (dials.import gives stills
-        # as one experiment per image, all sharing one ImageSet)
-        items = []
-        for expt, j in _distinct_images(e for e in experiments if e.imageset is not None):
-            width, start = _scan_width_start(expt.scan, j)
-            items.append(
-                Item(path=path, frame=len(items), source="expt", osc_width=width,
-                     header_osc_width=width, osc_start=start)
-            )
-        for it in items:
-            it.n_in_file = len(items)
-        if not items:
-            return [Item(path=path, error="experiment list has no images")]
-        if len(items) == 1:
-            items[0].tag = base
-        else:
-            for k, it in enumerate(items):
-                it.tag = f"{base}_{k:05d}"
-        return items
+        items = _image_items(path, (e for e in experiments if e.imageset is not None), source="expt")
+        return items or [Item(path=path, error="experiment list has no images")]
     try:
         unhandled: list[str] = []
         experiments = ExperimentListFactory.from_filenames([path], unhandled=unhandled)
@@ -199,20 +181,25 @@ def _probe(path: str) -> list[Item]:
         return [Item(path=path, error=f"cannot read image header: {_one_line(e)}")]
     if unhandled or len(experiments) == 0:
         return [Item(path=path, error="not a recognised image format")]
+    return _image_items(path, experiments, source="image")
+
+
+def _image_items(path: str, experiments, source: str) -> list[Item]:
+    """One Item per distinct image of ``experiments`` (read from ``path``).
+
+    ``frame`` is the image's index among the distinct images (dials.import
+    gives stills as one experiment per image, all sharing one ImageSet); the
+    tag is the file stem, with ``_<frame>`` when the file holds several.
+    """
+    base = os.path.splitext(os.path.basename(path))[0]
     items = []
     for expt, j in _distinct_images(experiments):
         width, start = _scan_width_start(expt.scan, j)
-        items.append(
-            Item(path=path, frame=len(items), n_in_file=0, osc_width=width,
-                 header_osc_width=width, osc_start=start)
-        )
+        items.append(Item(path=path, frame=len(items), source=source, osc_width=width,
+                          header_osc_width=width, osc_start=start))
     for it in items:
         it.n_in_file = len(items)
-    if len(items) == 1:
-        items[0].tag = base
-    else:
-        for k, it in enumerate(items):
-            it.tag = f"{base}_{k:05d}"
+        it.tag = base if len(items) == 1 else f"{base}_{it.frame:05d}"
     return items
 
 
@@ -231,10 +218,16 @@ def _distinct_images(experiments) -> list[tuple[Any, int]]:
     experiment. Images are identified by (file, index in file).
     """
     experiments = list(experiments)
+    # experiments sharing an imageset share the Python object: list its
+    # images once (not once per experiment, O(N²) for N frames)
+    by_imageset: dict = {}
 
     def image_keys(imageset):
-        indices = imageset.indices()
-        return tuple((imageset.get_path(j), int(indices[j])) for j in range(len(imageset)))
+        if id(imageset) not in by_imageset:
+            indices = imageset.indices()
+            keys = tuple((imageset.get_path(j), int(indices[j])) for j in range(len(imageset)))
+            by_imageset[id(imageset)] = (imageset, keys)  # the reference keeps id() unique
+        return by_imageset[id(imageset)][1]
 
     keys = [image_keys(e.imageset) for e in experiments]
     sharing: dict = {}

@@ -87,6 +87,27 @@ class ArgumentParser(_DialsArgumentParser):
         return super().parse_args(args, show_diff_phil=show_diff_phil, **kwargs)
 
 
+def plain_args_to_phil(args: Iterable[str], rules) -> list[str]:
+    """Turn plain arguments (not ``-x``, not ``name=value``) into ``name=arg``.
+
+    rules: ``[(match(arg) -> bool, "phil.name"), ...]``, the first match wins;
+    unmatched arguments pass through to the DIALS parser. A matched path
+    that does not exist is ``Sorry: File not found``.
+    """
+    out = []
+    for arg in args:
+        name = None
+        if not arg.startswith("-") and "=" not in arg:
+            name = next((n for match, n in rules if match(arg)), None)
+        if name is None:
+            out.append(arg)
+            continue
+        if not os.path.exists(arg):
+            raise Sorry(f"File not found: {arg}")
+        out.append(f"{name}={arg}")
+    return out
+
+
 def configure_logging(program: str, params=None, options=None) -> logging.Logger:
     """Console + file logging for DIALS and ``diffuse`` loggers, and the banner.
 

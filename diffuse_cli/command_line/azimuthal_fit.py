@@ -204,19 +204,10 @@ _MASK_EXT = (".pickle", ".pkl", ".mask")
 
 def _split_args(args):
     """Turn plain .npz / mask arguments into input.merged= / input.mask=."""
-    out = []
-    for arg in args:
-        if arg.startswith("-") or "=" in arg:
-            out.append(arg)
-            continue
-        low = arg.lower()
-        if low.endswith(".npz") or low.endswith(_MASK_EXT):
-            if not os.path.exists(arg):
-                raise Sorry(f"File not found: {arg}")
-            out.append(("input.merged=" if low.endswith(".npz") else "input.mask=") + arg)
-        else:
-            out.append(arg)
-    return out
+    return program.plain_args_to_phil(args, [
+        (lambda a: a.lower().endswith(".npz"), "input.merged"),
+        (lambda a: a.lower().endswith(_MASK_EXT), "input.mask"),
+    ])
 
 
 # ------------------------------------------------------------------ images

@@ -154,16 +154,7 @@ output {
 
 def _split_args(args):
     """Turn plain directory / .npz arguments into input.extracted=... ."""
-    out = []
-    for arg in args:
-        if not arg.startswith("-") and "=" not in arg:
-            if os.path.isdir(arg) or arg.endswith(".npz"):
-                if not os.path.exists(arg):
-                    raise Sorry(f"File not found: {arg}")
-                out.append(f"input.extracted={arg}")
-                continue
-        out.append(arg)
-    return out
+    return program.plain_args_to_phil(args, [(lambda a: os.path.isdir(a) or a.endswith(".npz"), "input.extracted")])
 
 
 def find_extracted(paths) -> list[str]:
@@ -369,7 +360,8 @@ def correct_still(task: dict) -> dict:
     """
     src, out = task["source"], task["output"]
     ex = corrections.load_npz(src, corrections.EXTRACT_SCHEMA)
-    n_used = int(np.count_nonzero(np.unpackbits(ex["mask_bits"], count=int(ex["n_pixels"]))))
+    pixels = corrections.used_pixels(ex["mask_bits"], ex["n_pixels"])
+    n_used = len(pixels)
     if n_used != len(ex["counts"]):
         raise Sorry(f"{src}: {len(ex['counts'])} counts for {n_used} used pixels")
     name = str(ex["name"]) if "name" in ex else still_name(src)
@@ -413,7 +405,7 @@ def correct_still(task: dict) -> dict:
             _WORKER_CACHE, bpath, lambda: corrections.load_npz(bpath, corrections.BACKGROUND_SCHEMA)
         )
     # summary figures from every 8th used pixel (the full set costs ~0.1 s/still)
-    pixels = corrections.used_pixels(ex["mask_bits"], ex["n_pixels"])[::8]
+    pixels = pixels[::8]
     counts = corrections.unpack_counts(ex)[::8]
     bg, bg_var = corrections.still_background(still, pixels, background)
     intensity, _ = corrections.corrected_intensity(counts, total[pixels], t, gain=gain, background=bg, background_variance=bg_var)
