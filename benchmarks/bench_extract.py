@@ -51,6 +51,7 @@ def main(n_stills: int = 4) -> dict:
     from diffuse_cli.command_line import correct as correct_cli
     from diffuse_cli import masking as mk
     from diffuse_cli import program
+    from diffuse_cli.formats.factors import factors_filename
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
@@ -99,15 +100,15 @@ def main(n_stills: int = 4) -> dict:
             if t_factors is None:  # per detector, once (like the geometry cache)
                 t1 = time.perf_counter()
                 key = arrays["geometry_key"]
-                correct_cli.write_factors(
-                    corr_dir / corrections.factors_filename(key), key, expt.detector, expt.beam,
-                    ex.geometry_path(out_dir, key), corrections.CorrectionOptions(), "bench",
+                correct_cli.make_factors(
+                    corr_dir / factors_filename(key), key, expt.detector, expt.beam,
+                    ex.geometry_path(out_dir, key), corrections.CorrectionOptions(),
                 )
                 t_factors = time.perf_counter() - t1
             task = {
                 "source": str(path), "output": str(corr_dir / path.name), "gain": 1.0,
                 "background_mode": "none", "background_constant": 0.0,
-                "background_constant_sigma": 0.0, "background_file": "", "params_hash": "bench",
+                "background_constant_sigma": 0.0, "background_file": "", "provenance_key": "bench", "provenance": {}, "experiment_index": i,
             }
             t1, c1 = time.perf_counter(), time.process_time()
             correct_cli.correct_still(task)

@@ -3,9 +3,9 @@
 At high resolution the total (Bragg + diffuse) scattering per unit cell tends
 to the independent-atom value
 
-    T(s) = Σ_j f_j(s)² + Σ_j I_inc,j(s)          (electron units, per unit cell)
+    T(s) = Σ_j f_j(s)² + R(s)·Σ_j S_j(s)          (electron units, per unit cell)
 
-with s = d* = 2 sin θ / λ (Å⁻¹). The scale K that puts the merged shell
+with s = d* = 2 sin θ / λ = |q| (Å⁻¹). The scale K that puts the merged shell
 averages ⟨I⟩(s) on this scale is the Krogh-Moe ratio over a fit range
 [s₁, s₂] (default: the outer 40 % of the data in d*)::
 
@@ -13,22 +13,30 @@ averages ⟨I⟩(s) on this scale is the Krogh-Moe ratio over a fit range
 
 When the map's Bragg peaks were masked, the Bragg (Wilson) part of the
 coherent scattering, Σf² exp(−B s²/2), is missing from ⟨I⟩; given the B
-(``wilson_b``) the theory is then (1 − exp(−B s²/2))·Σf² + Σ I_inc.
+(``wilson_b``) the theory is then (1 − exp(−B s²/2))·Σf² + R·ΣS. B can be
+estimated from the integrated Bragg intensities (:func:`estimate_wilson_b`).
 
-Output intensities are then ``K·I − Σ I_inc(s)`` (incoherent subtracted),
+Output intensities are then ``K·I − R·ΣS(s)`` (incoherent subtracted),
 σ → K·σ, in electron units per unit cell.
 
 * Coherent form factors f_j(s): cctbx ``eltbx.xray_scattering.wk1995``
-  (Waasmaier & Kirfel 1995), f(0) ≈ Z.
-* Incoherent (Compton) scattering: cctbx has no incoherent tables, so we use
-  the independent-electron approximation ``I_inc,j(s) = Z_j − f_j(s)²/Z_j``
-  (exact for hydrogen; → 0 at s = 0 and → Z_j at high s). It neglects
-  electron exchange (which lowers I_inc at intermediate s by up to ~15 % for
-  C, N, O) and the Breit–Dirac recoil factor. Anomalous terms are neglected.
+  (Waasmaier & Kirfel 1995, Acta Cryst. A51, 416), f(0) ≈ Z.
+* Incoherent (Compton) scattering: the incoherent scattering functions
+  S(x, Z) of Hubbell, Veigele, Briggs, Brown, Cromer & Howerton (1975),
+  J. Phys. Chem. Ref. Data 4, 471 (doi:10.1063/1.555523), through
+  ``xraylib.SF_Compt`` (Schoonjans et al. 2011), at x = sin θ/λ = d*/2 Å⁻¹.
+  S → 0 at s = 0 and → Z at high s; it includes electron exchange, which the
+  independent-electron bound Z − f²/Z leaves out (that bound is 1.2–1.5× too
+  high for C, N, O at d* = 0.4–1 Å⁻¹).
+* R(s) = (E′/E)² = (1 + λ_C·λ·s²/2)⁻², the Klein–Nishina recoil factor to
+  first order in E/mc² for photon-counting detectors (λ_C = h/mc =
+  0.0242631 Å); 1 when the wavelength is not given. Anomalous terms are
+  neglected.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -84,29 +92,88 @@ def form_factor(element: str, d_star: np.ndarray) -> np.ndarray:
     return f.reshape(ds.shape)
 
 
-def incoherent(element: str, d_star: np.ndarray) -> np.ndarray:
-    """Incoherent scattering Z − f²/Z (electron units) at d* (Å⁻¹); see module doc."""
+#: Compton wavelength h/(m_e c) in Å (CODATA 2018)
+COMPTON_WAVELENGTH = 0.0242631024
+
+# S(x, Z) is tabulated (and spline-interpolated by xraylib) from x = 0.001 Å⁻¹;
+# we sample it once per element on this grid (x in Å⁻¹, log-spaced: fine at
+# low x where S ∝ x²) and interpolate linearly, with S(0) = 0 and S = Z beyond.
+_S_GRID_X = np.concatenate([[0.0], np.geomspace(1e-3, 10.0, 4000)])
+
+
+@functools.lru_cache(maxsize=None)
+def _incoherent_table(z: int) -> np.ndarray:
+    try:
+        import xraylib
+    except ImportError as e:  # a missing dependency, not a user mistake
+        raise ImportError("diffuse.merge's absolute scale needs xraylib (Debian: apt-get install "
+                          "python3-xraylib; conda-forge/PyPI: xraylib)") from e
+    return np.array([0.0] + [xraylib.SF_Compt(z, float(x)) for x in _S_GRID_X[1:]])
+
+
+def incoherent_scattering_function(element: str, d_star: np.ndarray) -> np.ndarray:
+    """S(x, Z) of Hubbell et al. (1975) at x = sin θ/λ = d*/2 (d* in Å⁻¹).
+
+    Electron units per atom (dimensionless; → Z at high d*), through xraylib.
+    """
     z = atomic_number(element)
-    f = form_factor(element, d_star)
-    return np.clip(z - f * f / z, 0.0, None)
+    x = 0.5 * np.asarray(d_star, dtype=np.float64)
+    return np.interp(x, _S_GRID_X, _incoherent_table(z), right=float(z))
+
+
+def compton_recoil(d_star: np.ndarray, wavelength: float | None) -> np.ndarray | float:
+    """(E′/E)² = (1 + λ_C·λ·d*²/2)⁻²: Klein–Nishina / Thomson for a photon counter.
+
+    1 − cos 2θ = λ²d*²/2, so E′/E = 1/(1 + (λ_C/λ)(1 − cos 2θ)). λ in Å.
+    """
+    if not wavelength:
+        return 1.0
+    ds = np.asarray(d_star, dtype=np.float64)
+    return (1.0 + 0.5 * COMPTON_WAVELENGTH * float(wavelength) * ds * ds) ** -2
+
+
+def incoherent(element: str, d_star: np.ndarray, wavelength: float | None = None) -> np.ndarray:
+    """Incoherent (Compton) scattering per atom, R(d*)·S(d*/2, Z), in electron units.
+
+    d* in Å⁻¹; wavelength (Å) for the recoil factor R (see :func:`compton_recoil`),
+    None: R = 1.
+    """
+    return incoherent_scattering_function(element, d_star) * compton_recoil(d_star, wavelength)
+
+
+def coherent_total(composition: dict[str, float], d_star: np.ndarray) -> np.ndarray:
+    """Σ n_j f_j² per unit cell at d* (Å⁻¹), electron units (cctbx wk1995)."""
+    ds = np.asarray(d_star, dtype=np.float64)
+    coh = np.zeros_like(ds)
+    for el, n in composition.items():
+        f = form_factor(el, ds)
+        coh += n * f * f
+    return coh
+
+
+def incoherent_total(composition: dict[str, float], d_star: np.ndarray,
+                     wavelength: float | None = None) -> np.ndarray:
+    """R·Σ n_j S_j per unit cell at d* (Å⁻¹), electron units (see :func:`theory`)."""
+    ds = np.asarray(d_star, dtype=np.float64)
+    inc = np.zeros_like(ds)
+    for el, n in composition.items():
+        inc += n * incoherent_scattering_function(el, ds)
+    return inc * compton_recoil(ds, wavelength)
 
 
 def theory(composition: dict[str, float], d_star: np.ndarray,
-           wilson_b: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ n_j f_j², Σ n_j I_inc,j) per unit cell at d* (Å⁻¹).
+           wilson_b: float | None = None,
+           wavelength: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ n_j f_j², R·Σ n_j S_j) per unit cell at d* (Å⁻¹), electron units.
 
     wilson_b (Å²): the coherent part becomes (1 − exp(−B d*²/2))·Σf², the
     scattering left between the Bragg peaks (Wilson: ⟨|F|²⟩ = Σf² exp(−B d*²/2)),
-    for maps whose Bragg peaks were masked.
+    for maps whose Bragg peaks were masked. wavelength (Å): Compton recoil
+    factor R (None: R = 1).
     """
     ds = np.asarray(d_star, dtype=np.float64)
-    coh = np.zeros_like(ds)
-    inc = np.zeros_like(ds)
-    for el, n in composition.items():
-        f = form_factor(el, ds)
-        z = atomic_number(el)
-        coh += n * f * f
-        inc += n * np.clip(z - f * f / z, 0.0, None)
+    coh = coherent_total(composition, ds)
+    inc = incoherent_total(composition, ds, wavelength)
     if wilson_b:
         coh *= -np.expm1(-0.5 * float(wilson_b) * ds * ds)
     return coh, inc
@@ -137,10 +204,12 @@ class AbsoluteScale:
     d_star: np.ndarray  # profile bin centres
     mean_I: np.ndarray  # merged ⟨I⟩ per bin (input units)
     coherent: np.ndarray  # Σ f² per unit cell
-    incoherent: np.ndarray  # Σ I_inc per unit cell
+    incoherent: np.ndarray  # R·Σ S per unit cell (Hubbell et al. 1975)
     composition: dict
     residual: float  # rms relative deviation of K⟨I⟩ from T over the fit range
     wilson_b: float | None = None  # Å²: coherent part (1 − exp(−B d*²/2))·Σf² (Bragg masked)
+    wavelength: float | None = None  # Å, for the Compton recoil factor (None: R = 1)
+    wilson: dict | None = None  # how B was obtained (WilsonFit.as_dict(), or {"source": ...})
 
     def as_dict(self) -> dict:
         return {
@@ -150,7 +219,10 @@ class AbsoluteScale:
             "rms_relative_residual": self.residual,
             "composition_per_unit_cell": self.composition,
             "wilson_b": self.wilson_b,
-            "method": "Krogh-Moe ratio of ∫s²T ds to ∫s²<I> ds; I_inc = Z - f²/Z"
+            "wilson": self.wilson,
+            "wavelength": self.wavelength,
+            "method": "Krogh-Moe ratio of ∫s²T ds to ∫s²<I> ds; I_inc = R·S(x,Z), S from Hubbell et al. "
+            "(1975) J. Phys. Chem. Ref. Data 4, 471 (xraylib), x = d*/2, R = (1 + λ_C λ s²/2)^-2"
             + ("; T = (1 - exp(-B s²/2)) Σf² + Σ I_inc (Bragg masked)" if self.wilson_b else "; T = Σf² + Σ I_inc"),
         }
 
@@ -158,11 +230,13 @@ class AbsoluteScale:
 def fit_absolute_scale(d_star: np.ndarray, mean_I: np.ndarray, composition: dict,
                        fit_range: tuple[float, float] | None = None,
                        counts: np.ndarray | None = None,
-                       wilson_b: float | None = None) -> AbsoluteScale:
+                       wilson_b: float | None = None,
+                       wavelength: float | None = None) -> AbsoluteScale:
     """Krogh-Moe scale from a radial profile ⟨I⟩(d*) and the unit-cell composition.
 
     wilson_b (Å²): the map's Bragg peaks were masked; the theory is then the
-    scattering between them (see :func:`theory`).
+    scattering between them (see :func:`theory`). wavelength (Å): Compton
+    recoil factor.
 
     fit_range: (d*_lo, d*_hi) in Å⁻¹; default: the outer 40 % of the
     non-empty profile in d*. Bins with NaN (or zero counts) are skipped.
@@ -180,7 +254,7 @@ def fit_absolute_scale(d_star: np.ndarray, mean_I: np.ndarray, composition: dict
     sel = ok & (ds >= fit_range[0]) & (ds <= fit_range[1])
     if sel.sum() < 2:
         raise ValueError(f"fewer than 2 profile bins in the fit range {fit_range} Å⁻¹")
-    coh, inc = theory(composition, ds, wilson_b=wilson_b)
+    coh, inc = theory(composition, ds, wilson_b=wilson_b, wavelength=wavelength)
     T = coh + inc
     w = ds[sel] ** 2
     denom = float(np.sum(w * m[sel]))
@@ -189,14 +263,173 @@ def fit_absolute_scale(d_star: np.ndarray, mean_I: np.ndarray, composition: dict
     K = float(np.sum(w * T[sel]) / denom)
     resid = float(np.sqrt(np.mean((K * m[sel] / T[sel] - 1.0) ** 2)))
     return AbsoluteScale(K, (float(fit_range[0]), float(fit_range[1])), ds, m, coh, inc,
-                         dict(composition), resid, wilson_b)
+                         dict(composition), resid, wilson_b, wavelength)
 
 
 def to_electron_units(I: np.ndarray, sigma: np.ndarray, d_star: np.ndarray,
                       scale: AbsoluteScale) -> tuple[np.ndarray, np.ndarray]:
     """K·I − Σ I_inc(d*) and K·σ (electron units per unit cell)."""
-    _, inc = theory(scale.composition, d_star)
+    inc = incoherent_total(scale.composition, d_star, wavelength=scale.wavelength)
     return scale.K * np.asarray(I) - inc, scale.K * np.asarray(sigma)
+
+
+@dataclass
+class WilsonFit:
+    """Overall isotropic B from a Wilson plot of Bragg intensities."""
+
+    B: float  # Å², ⟨I⟩ ∝ Σf² exp(−B d*²/2)
+    sigma_B: float  # Å², least-squares error scaled by the fit's χ²
+    n_reflections: int  # reflections in the fitted bins
+    n_groups: int  # stills (intercepts) in the fit
+    n_bins: int  # (still, shell) points fitted
+    d_range: tuple[float, float]  # (d_max, d_min) Å of the fit
+    x: np.ndarray  # per point: mean d*² (Å⁻²)
+    y: np.ndarray  # per point: ln(⟨I⟩/Σf²) minus its still's intercept
+    source: str = ""  # e.g. the reflection file
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "B": self.B,
+            "sigma_B": self.sigma_B,
+            "n_reflections": self.n_reflections,
+            "n_stills": self.n_groups,
+            "n_points": self.n_bins,
+            "fit_range_d": list(self.d_range),
+            "method": "Wilson plot: ln(sum I/(P eps) / sum p Σf²) per still and d*² shell, common "
+                      "slope −B/2, one intercept per still (weighted least squares)",
+        }
+
+
+def estimate_wilson_b(d_star: np.ndarray, intensity: np.ndarray, composition: dict,
+                      partiality: np.ndarray | None = None, group: np.ndarray | None = None,
+                      d_max: float = 4.0, d_min: float | None = None, n_shells: int = 10,
+                      min_per_shell: int = 10) -> WilsonFit:
+    """Wilson B (Å²) from Bragg intensities of one or many stills.
+
+    d_star: 1/d (Å⁻¹) per reflection; intensity: integrated intensity already
+    divided by the polarization factor and the multiplicity ε (any scale);
+    partiality: fraction of the full reflection recorded (stills; default 1);
+    group: still index per reflection (each still gets its own scale).
+
+    Model (Wilson 1942): ⟨I_full⟩ = k_g·Σf²(d*)·exp(−B d*²/2). In each still g
+    and each shell of equal width in d*² over [1/d_max², 1/d_min²],
+    ``y = ln(Σ I / Σ p·Σf²)`` at ``x = Σ p d*² / Σ p``: a ratio estimator that
+    divides by the partialities in the sum, not per reflection (no blow-up at
+    small p), and keeps negative intensities (no truncation bias). The common
+    slope −B/2 is fitted with one intercept per still, each point weighted by
+    1/var(y), var(y) = Σ(I − m·p)²/(Σ I)². Shells with fewer than
+    ``min_per_shell`` reflections or Σ I < 3 σ(Σ I) are left out.
+    Raises ValueError when fewer than 3 points (or 2 shells) remain.
+    """
+    ds = np.asarray(d_star, dtype=np.float64).ravel()
+    I = np.asarray(intensity, dtype=np.float64).ravel()
+    p = np.ones_like(I) if partiality is None else np.asarray(partiality, dtype=np.float64).ravel()
+    g = np.zeros(I.size, dtype=np.int64) if group is None else np.asarray(group).ravel()
+    x_lo = 1.0 / d_max**2
+    x_hi = float(np.max(ds[np.isfinite(I)]) ** 2) if d_min is None else 1.0 / d_min**2
+    s2 = ds * ds
+    ok = np.isfinite(I) & np.isfinite(p) & (p > 0) & (s2 >= x_lo) & (s2 <= x_hi)
+    if ok.sum() < 3 * min_per_shell or not x_hi > x_lo:
+        raise ValueError(f"too few Bragg reflections ({int(ok.sum())}) between {d_max:.2f} Å and "
+                         f"{1 / np.sqrt(x_hi):.2f} Å for a Wilson plot")
+    s2, I, p, ds = s2[ok], I[ok], p[ok], ds[ok]
+    _, g = np.unique(g[ok], return_inverse=True)
+    sigma_f2 = coherent_total(composition, ds)
+    shell = np.minimum(((s2 - x_lo) / (x_hi - x_lo) * n_shells).astype(np.int64), n_shells - 1)
+    key = g * n_shells + shell
+    n_keys = int(g.max() + 1) * n_shells
+    n = np.bincount(key, minlength=n_keys)
+    sum_I = np.bincount(key, I, minlength=n_keys)
+    sum_p = np.bincount(key, p, minlength=n_keys)
+    sum_pf = np.bincount(key, p * sigma_f2, minlength=n_keys)
+    sum_ps2 = np.bincount(key, p * s2, minlength=n_keys)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = sum_I / sum_p
+        var_sum = np.bincount(key, (I - m[key] * p) ** 2, minlength=n_keys)
+        good = (n >= min_per_shell) & (sum_I > 3.0 * np.sqrt(var_sum)) & (sum_I > 0)
+        y = np.log(sum_I / sum_pf)
+        x = sum_ps2 / sum_p
+        w = sum_I**2 / var_sum
+    good &= np.isfinite(y) & np.isfinite(w) & (w > 0)
+    idx = np.nonzero(good)[0]
+    gi = idx // n_shells
+    # stills with a single usable shell carry no slope information
+    per_group = np.bincount(gi, minlength=int(g.max() + 1))
+    keep = per_group[gi] >= 2
+    idx, gi = idx[keep], gi[keep]
+    if idx.size < 3 or np.unique(idx % n_shells).size < 2:
+        raise ValueError("too few resolution shells with significant Bragg intensity for a Wilson plot")
+    x, y, w = x[idx], y[idx], w[idx]
+    # common slope with one intercept per still: weighted, centred within each still
+    wsum = np.bincount(gi, w)
+    xm = np.bincount(gi, w * x) / wsum
+    ym = np.bincount(gi, w * y) / wsum
+    dx, dy = x - xm[gi], y - ym[gi]
+    sxx = float(np.sum(w * dx * dx))
+    if not sxx > 0:
+        raise ValueError("the Bragg reflections span no range of d*² for a Wilson plot")
+    slope = float(np.sum(w * dx * dy) / sxx)
+    dof = idx.size - np.unique(gi).size - 1
+    chi2 = float(np.sum(w * (dy - slope * dx) ** 2)) / dof if dof > 0 else 1.0
+    sigma_slope = float(np.sqrt(max(chi2, 1.0) / sxx))
+    n_used = int(np.sum(n[idx]))
+    return WilsonFit(B=-2.0 * slope, sigma_B=2.0 * sigma_slope, n_reflections=n_used,
+                     n_groups=int(np.unique(gi).size), n_bins=int(idx.size),
+                     d_range=(float(d_max), float(1.0 / np.sqrt(x_hi))), x=x,
+                     y=dy + slope * xm[gi])
+
+
+def bragg_intensities(reflections, experiments, space_group=None) -> dict:
+    """Arrays for :func:`estimate_wilson_b` from a DIALS reflection table.
+
+    Uses the reflections flagged ``integrated_sum`` (summation integration;
+    stills_process's intensities), ``intensity.sum.value`` divided by the
+    polarization factor of each reflection's experiment (``s1``, beam's
+    polarization; :func:`diffuse_cli.corrections.polarization`), or by the
+    ``lp`` column's inverse when present, and by the multiplicity ε of its
+    Miller index in the space group (the experiments' unless given).
+    Returns dict(d_star (Å⁻¹), intensity, partiality, group).
+    Raises ValueError when the table holds no integrated intensities.
+    """
+    from cctbx import crystal, miller
+
+    from diffuse_cli.corrections import polarization
+
+    if len(reflections) == 0 or "intensity.sum.value" not in reflections:
+        raise ValueError("no integrated intensities (intensity.sum.value)")
+    sel = reflections.get_flags(reflections.flags.integrated_sum)
+    if "d" in reflections:
+        sel &= reflections["d"] > 0
+    r = reflections.select(sel)
+    if len(r) == 0:
+        raise ValueError("no reflections flagged integrated_sum")
+    ids = r["id"].as_numpy_array().astype(np.int64)
+    if ids.min() < 0 or ids.max() >= len(experiments):
+        raise ValueError(f"reflection ids up to {ids.max()} for {len(experiments)} experiments")
+    I = r["intensity.sum.value"].as_numpy_array().astype(np.float64)
+    if "lp" in r:
+        I = I * r["lp"].as_numpy_array()
+    else:
+        s1 = r["s1"].as_numpy_array()
+        P = np.empty(len(r))
+        order = np.argsort(ids, kind="stable")
+        starts = np.searchsorted(ids[order], np.arange(len(experiments) + 1))
+        for e in np.unique(ids):
+            rows = order[starts[e]:starts[e + 1]]
+            P[rows] = polarization(s1[rows], experiments[int(e)].beam)
+        I = I / P
+    if "d" in r:
+        d = r["d"].as_numpy_array()
+    else:
+        raise ValueError("reflections have no 'd' column")
+    sg = space_group or str(experiments[0].crystal.get_space_group().info())
+    ms = miller.set(crystal.symmetry(unit_cell=experiments[0].crystal.get_unit_cell(),
+                                     space_group_symbol=sg),
+                    r["miller_index"], anomalous_flag=False)
+    eps = ms.epsilons().data().as_numpy_array().astype(np.float64)
+    p = r["partiality"].as_numpy_array() if "partiality" in r else np.ones(len(r))
+    return {"d_star": 1.0 / d, "intensity": I / eps, "partiality": p, "group": ids}
 
 
 def plot_absolute_scale(scale: AbsoluteScale, path) -> None:
@@ -219,5 +452,25 @@ def plot_absolute_scale(scale: AbsoluteScale, path) -> None:
     ax.set_ylabel("electron units per unit cell")
     ax.set_yscale("log")
     ax.set_title(f"Krogh-Moe absolute scale K = {scale.K:.4g}")
+    ax.legend(fontsize=8)
+    program.save_figure(path, fig)
+
+
+def plot_wilson(fit: WilsonFit, path) -> None:
+    """Wilson plot: ln(⟨I⟩/Σf²) less each still's intercept against d*², with the fit (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffuse_cli import program
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(fit.x, fit.y, "k.", ms=3, alpha=0.5, label="still × shell")
+    xs = np.linspace(0.0, float(fit.x.max()) * 1.05, 50)
+    ax.plot(xs, -0.5 * fit.B * xs, "C0-", label=f"slope −B/2, B = {fit.B:.1f} ± {fit.sigma_B:.1f} Å²")
+    ax.set_xlabel("d*² (Å⁻²)")
+    ax.set_ylabel("ln(⟨I⟩/Σf²) − intercept")
+    ax.set_title(f"Wilson plot ({fit.n_reflections} reflections, {fit.n_groups} stills)")
     ax.legend(fontsize=8)
     program.save_figure(path, fig)

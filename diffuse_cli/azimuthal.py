@@ -73,13 +73,8 @@ def flatten_panels(panels) -> np.ndarray:
     return np.concatenate([a.reshape(-1) for a in arrays])
 
 
-def read_mask(path) -> tuple:
-    """Read a DIALS mask file: a pickled tuple of flex.bool (True = usable)."""
-    with open(path, "rb") as fh:
-        mask = pickle.load(fh)
-    if not isinstance(mask, (tuple, list)):
-        mask = (mask,)
-    return tuple(mask)
+# a DIALS mask file as its tuple of flex.bool per panel (True = usable)
+from diffuse_cli.formats.masks import read_mask_panels as read_mask  # noqa: E402,F401
 
 
 @dataclass

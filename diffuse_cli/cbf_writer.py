@@ -1,6 +1,8 @@
 """Write simulated images as CBF files that dxtbx / dials.import read back.
 
-* Single panel: a miniCBF via ``FormatCBFMini.as_file`` (dxtbx). Read back as
+* Single panel: a miniCBF via ``FormatCBFMini.as_file`` (dxtbx); a still has a
+  zero-width scan, a rotation frame its own one-image scan (start angle and
+  oscillation in the header; the axis is not carried, dxtbx reads 1,0,0). Read back as
   ``FormatCBFMini``: distance, beam centre, pixel size, wavelength, exposure
   time, trusted range (−1, Count_cutoff) and the Si/CdTe sensor thickness (with
   dxtbx's parallax-corrected px→mm strategy) round-trip. The beam polarisation
@@ -33,17 +35,23 @@ def _flex_int(a: np.ndarray):
     return flex.int(np.ascontiguousarray(a, dtype=np.int32))
 
 
-def write_minicbf(path, detector, beam, exposure_time: float, panel_data) -> None:
-    """Single-panel miniCBF, written atomically. ``panel_data``: one int array."""
+def write_minicbf(path, detector, beam, exposure_time: float, panel_data, goniometer=None, scan=None) -> None:
+    """Single-panel miniCBF, written atomically. ``panel_data``: one int array.
+
+    Without ``scan`` a still (zero-width scan). A rotation frame passes its
+    one-image scan (start angle, oscillation); the header carries those, not
+    the goniometer axis (dxtbx reads 1,0,0 for any miniCBF).
+    """
     from dxtbx.format.FormatCBFMini import FormatCBFMini
     from dxtbx.model import ScanFactory
 
     assert len(detector) == 1
     (data,) = panel_data
-    # zero-width scan: dxtbx/DIALS treat the image as a still but keep the exposure
-    scan = ScanFactory.make_scan((1, 1), exposure_time, (0.0, 0.0), {1: 0.0}, deg=True)
+    if scan is None:
+        # zero-width scan: dxtbx/DIALS treat the image as a still but keep the exposure
+        scan = ScanFactory.make_scan((1, 1), exposure_time, (0.0, 0.0), {1: 0.0}, deg=True)
     with program.atomic_path(path) as tmp:
-        FormatCBFMini.as_file(detector, beam, None, scan, _flex_int(data), tmp)
+        FormatCBFMini.as_file(detector, beam, goniometer, scan, _flex_int(data), tmp)
 
 
 class _Reader:
@@ -133,8 +141,10 @@ def write_full_cbf(path, detector, beam, exposure_time: float, panel_data) -> No
         cbf.write_widefile(tmp.encode(), pycbf.CBF, pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K, 0)
 
 
-def write_image(path, detector, beam, exposure_time: float, panel_data) -> None:
+def write_image(path, detector, beam, exposure_time: float, panel_data, goniometer=None, scan=None) -> None:
     if len(detector) == 1:
-        write_minicbf(path, detector, beam, exposure_time, panel_data)
+        write_minicbf(path, detector, beam, exposure_time, panel_data, goniometer=goniometer, scan=scan)
+    elif scan is not None:
+        raise ValueError("rotation frames are written for single-panel detectors only")
     else:
         write_full_cbf(path, detector, beam, exposure_time, panel_data)

@@ -10,8 +10,13 @@ absorption efficiency and ``T`` transmissions. Every correction is stored as a
 **multiplier** of counts: ``1e-6/Ω``, ``1/P``, ``1/η``, ``1/T_air``,
 ``1/T_kapton``; their product is ``total`` and::
 
-    I = (counts − background) · total / (gain · t_exp)
-    σ = sqrt(gain · max(counts, 0) + var(background)) · total / (gain · t_exp)
+    I = (counts − background) · total / (gain · N)
+    σ = sqrt(gain · max(counts, 0) + var(background)) · total / (gain · N)
+
+with ``N`` the still's normalisation: ``t_exp`` (s) when it has an exposure
+time, else (XFEL shots) its incident photons / 1e12 or 1. ``total`` is the
+shot's own: direction-only factors cached per detector times the
+λ-dependent ones evaluated from per-pixel path lengths (:func:`shot_total`).
 
 No rotation Lorentz factor is ever applied (pixel-level diffuse intensities).
 
@@ -25,6 +30,7 @@ Lengths are mm, wave vectors Å⁻¹, attenuation coefficients mm⁻¹.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -85,6 +91,7 @@ def energy_ev(wavelength: float) -> float:
     return HC_EV_ANGSTROM / float(wavelength)
 
 
+@functools.lru_cache(maxsize=32)
 def _attenuation_table(material: str):
     from cctbx.eltbx import attenuation_coefficient
 
@@ -264,6 +271,21 @@ def kapton_transmission(s1: np.ndarray, beam, params: KaptonParams) -> np.ndarra
     return (1.0 / multiplier).reshape(shape)
 
 
+def kapton_mu(wavelength: float) -> float:
+    """Linear attenuation coefficient of Kapton (mm⁻¹) in DIALS's ``fuller_kapton`` table (6–13 keV)."""
+    e = energy_ev(wavelength)
+    if not 6000.0 <= e <= 13000.0:
+        raise ValueError(f"Kapton absorption table covers 6-13 keV, beam is {e / 1000:.2f} keV")
+    return 1.0 / float(_kapton_attenuation_length()(float(wavelength)))
+
+
+@functools.lru_cache(maxsize=1)
+def _kapton_attenuation_length():
+    from dials.algorithms.integration.kapton_correction import get_absorption_correction
+
+    return get_absorption_correction()
+
+
 # ------------------------------------------------------------------ per detector
 
 
@@ -396,6 +418,131 @@ def detector_multipliers(detector, beam, options: CorrectionOptions | None = Non
     return out
 
 
+# ------------------------------------------------------------------ per shot: λ-dependent factors
+#
+# Ω and P depend on pixel directions only (P on the beam direction and its
+# polarization, not on λ); η, T_air and T_kapton are all exp(±μ(λ)·path) with
+# a direction-only path per pixel. So a detector's factors file holds Ω, P and
+# the paths once, and each shot needs only its attenuation coefficients:
+#
+#   total(λ) = (1e-6/Ω)·(1/P) · exp(μ_air(λ)·L) · exp(μ_k(λ)·ℓ_k) / (1 − exp(−μ_s(λ)·τ))
+#
+# exact (no interpolation), evaluated for the used pixels of each shot.
+
+WAVELENGTH_COEFFICIENTS = ("air_mu_per_mm", "sensor_mu_per_mm", "kapton_mu_per_mm")
+
+
+def wavelength_coefficients(detector, wavelength: float, options: CorrectionOptions | None = None) -> dict:
+    """Attenuation coefficients (mm⁻¹) of one shot's λ-dependent factors.
+
+    ``sensor_mu_per_mm``: (P,) per panel, 0 where the sensor efficiency is
+    not applied; ``air_mu_per_mm`` and ``kapton_mu_per_mm``: scalars, 0 when
+    not applied. ``detector`` is the shot's own (its panels' μ are the
+    format's for the shot's wavelength, as :func:`sensor_mu` uses them).
+    """
+    options = options or CorrectionOptions()
+    sensor = np.zeros(len(detector), dtype=np.float64)
+    for i, panel in enumerate(detector):
+        if _efficiency_applies(panel, options):
+            sensor[i] = sensor_mu(panel, wavelength, material=options.sensor_material)
+    air = air_mu(wavelength, options.air_pressure_kpa, options.air_temperature_k) if options.air else 0.0
+    kapton = kapton_mu(wavelength) if options.kapton else 0.0
+    return {"air_mu_per_mm": float(air), "sensor_mu_per_mm": sensor, "kapton_mu_per_mm": float(kapton)}
+
+
+def path_lengths(detector, beam, geometry, options: CorrectionOptions | None = None) -> dict:
+    """Direction-only path lengths (mm, flat pixel order) of the λ-dependent factors.
+
+    ``air_path_mm`` L = |r|; ``sensor_path_mm`` τ = t/cos ψ on panels whose
+    efficiency applies (0 elsewhere); ``kapton_path_mm`` ℓ_k through the tape
+    (DIALS's model: ln(1/T_kapton)/μ_k at ``beam``'s wavelength). Absent when
+    the correction is off. ``geometry``: list of PanelGeometry.
+    """
+    options = options or CorrectionOptions()
+    out = {}
+    if options.air:
+        out["air_path_mm"] = np.concatenate([_norm(g.lab).ravel() for g in geometry])
+    taus, any_sensor = [], False
+    for panel, g in zip(detector, geometry):
+        if _efficiency_applies(panel, options):
+            any_sensor = True
+            t = float(panel.get_thickness()) if options.sensor_thickness_mm is None else float(options.sensor_thickness_mm)
+            taus.append((t / cos_incidence(panel, g.s1)).ravel())
+        else:
+            taus.append(np.zeros(g.shape[0] * g.shape[1]))
+    if any_sensor:
+        out["sensor_path_mm"] = np.concatenate(taus)
+    if options.kapton:
+        T = np.concatenate([kapton_transmission(g.s1, beam, options.kapton).ravel() for g in geometry])
+        out["kapton_path_mm"] = -np.log(T) / kapton_mu(beam.get_wavelength())
+    return out
+
+
+def shot_total(direction_total, paths: dict, coefficients: dict, pixels: np.ndarray, panel_offsets) -> np.ndarray:
+    """``total`` (float64) of one shot for the given pixels (sorted flat indices).
+
+    direction_total: (Npix,) (1e-6/Ω)·(1/P); paths: :func:`path_lengths`
+    arrays (Npix,); coefficients: :func:`wavelength_coefficients` of the shot.
+    """
+    total = np.asarray(direction_total)[pixels].astype(np.float64)
+    exponent = None
+    for path_name, mu_name in (("air_path_mm", "air_mu_per_mm"), ("kapton_path_mm", "kapton_mu_per_mm")):
+        mu = float(coefficients[mu_name])
+        if mu > 0 and path_name in paths:
+            term = mu * paths[path_name][pixels].astype(np.float64)
+            exponent = term if exponent is None else exponent + term
+    if exponent is not None:
+        total *= np.exp(exponent)
+    mu_s = np.asarray(coefficients["sensor_mu_per_mm"], dtype=np.float64).ravel()
+    if "sensor_path_mm" in paths and np.any(mu_s > 0):
+        tau = paths["sensor_path_mm"]
+        if np.all(mu_s == mu_s[0]):
+            total /= -np.expm1(-mu_s[0] * tau[pixels].astype(np.float64))
+        else:  # pixels are sorted: one slice per panel
+            bounds = np.searchsorted(pixels, np.asarray(panel_offsets))
+            for i, mu in enumerate(mu_s):
+                if mu > 0 and bounds[i + 1] > bounds[i]:
+                    sl = slice(bounds[i], bounds[i + 1])
+                    total[sl] /= -np.expm1(-mu * tau[pixels[sl]].astype(np.float64))
+    return total
+
+
+def pack_coefficients(c: dict) -> np.ndarray:
+    """One array for a still file: [μ_air, μ_kapton, μ_sensor of each panel] (mm⁻¹)."""
+    return np.concatenate([[c["air_mu_per_mm"], c["kapton_mu_per_mm"]], np.ravel(c["sensor_mu_per_mm"])]).astype(np.float64)
+
+
+def unpack_coefficients(a) -> dict:
+    """Inverse of :func:`pack_coefficients`."""
+    a = np.asarray(a, dtype=np.float64)
+    return {"air_mu_per_mm": float(a[0]), "kapton_mu_per_mm": float(a[1]), "sensor_mu_per_mm": a[2:]}
+
+
+def same_coefficients(a: dict, b: dict) -> bool:
+    """True when two shots' attenuation coefficients are identical (same wavelength and options)."""
+    return all(np.array_equal(np.asarray(a[n], dtype=np.float64), np.asarray(b[n], dtype=np.float64))
+               for n in WAVELENGTH_COEFFICIENTS)
+
+
+# ------------------------------------------------------------------ normalisation
+#
+# A still is normalised by N: its exposure time t (s) when it has one, so I
+# is per second; an XFEL shot has none and is normalised per shot: by its
+# incident photons (from the beam model's flux in the header, or a table of
+# photons or pulse energies) in units of 1e12, else by 1 (I per shot; the
+# per-shot scale is left to diffuse.merge). I = (C − B)·total/(gain·N).
+
+PHOTON_UNIT = 1.0e12
+#: Joule per eV (exact, SI 2019).
+JOULE_PER_EV = 1.602176634e-19
+NORMALISATIONS = ("exposure_time", "incident_photons", "unit")
+
+
+def photons_from_pulse_energy(pulse_energy_mj: float, wavelength: float) -> float:
+    """Incident photons of a pulse: E / (h c / λ), E in mJ, λ in Å."""
+    return float(pulse_energy_mj) * 1e-3 / (energy_ev(wavelength) * JOULE_PER_EV)
+
+
 # ------------------------------------------------------------------ counts -> intensity
 
 
@@ -456,50 +603,9 @@ def background_rate(images, exposure_times, gain: float = 1.0):
 
 # ------------------------------------------------------------------ files (diffuse.correct)
 
-EXTRACT_SCHEMA = "diffuse.extract/1"
-GEOMETRY_SCHEMA = "diffuse.geometry/1"
-CORRECT_SCHEMA = "diffuse.correct/2"
-FACTORS_SCHEMA = "diffuse.factors/1"
-BACKGROUND_SCHEMA = "diffuse.background/1"
-
-
-def check_schema(data, expected: str, path) -> None:
-    """Raise Sorry unless the npz ``data`` carries schema ``expected``."""
-    from libtbx.utils import Sorry
-
-    if "schema" not in data:
-        raise Sorry(f"{path}: no schema (expected {expected})")
-    found = str(data["schema"])
-    if found != expected:
-        raise Sorry(f"{path}: schema {found!r}, expected {expected!r}")
-
-
-def load_npz(path, expected: str) -> dict:
-    """Read a whole npz into a dict after checking its schema."""
-    with np.load(path, allow_pickle=False) as data:
-        check_schema(data, expected, path)
-        return {name: data[name] for name in data.files}
-
-
-def factors_filename(geometry_key: str) -> str:
-    return f"factors_{geometry_key}.npz"
-
-
-COUNT_ARRAYS = ("counts", "overflow_index", "overflow_counts")
-
-
-def unpack_counts(data) -> np.ndarray:
-    """Used-pixel counts from an extract/correct file's arrays.
-
-    diffuse.extract stores non-negative integer counts as uint8 ``counts``
-    (clipped at 255) plus ``overflow_index`` / ``overflow_counts`` with the
-    exact values >= 255; otherwise int32 or float32 ``counts``.
-    """
-    counts = data["counts"]
-    if "overflow_index" in data:
-        counts = counts.astype(np.int32)
-        counts[np.asarray(data["overflow_index"], dtype=np.int64)] = data["overflow_counts"]
-    return counts
+#: files kept by every memo of per-detector arrays (_cached): a 6M-pixel
+#: detector's arrays take ~220 MB
+CACHE_ENTRIES = 4
 
 
 def used_pixels(mask_bits: np.ndarray, n_pixels: int) -> np.ndarray:
@@ -523,75 +629,89 @@ def still_background(still: dict, pixels: np.ndarray, background: dict | None):
 
 
 def _detector_arrays(factors_path) -> dict:
-    """Per-detector arrays load_observations gathers from: ``total``, and q and
-    |q| of every pixel (float32, computed once per detector, not per still)."""
-    f = load_npz(factors_path, FACTORS_SCHEMA)
-    q = f["s1"].astype(np.float64) - f["s0"]
-    d_star = np.sqrt(np.einsum("ij,ij->i", q, q))
-    return {"total": f["total"], "q": q.astype(np.float32), "d_star": d_star.astype(np.float32)}
+    """Per-detector arrays load_observations gathers from, computed once per
+    detector, not per still (float32 unless said):
+
+    ``total`` (float64) at the file's reference wavelength and its
+    coefficients ``reference``; ``q_unit`` = ŝ1 − ŝ0 and ``d_unit`` = |ŝ1 − ŝ0|
+    (a shot's q = q_unit/λ, |q| = d_unit/λ); ``direction`` = (1e-6/Ω)·(1/P)
+    and the ``paths`` for shots at other wavelengths (:func:`shot_total`)."""
+    from diffuse_cli.formats.factors import read_factors
+
+    f = read_factors(factors_path)
+    q = f["s1_unit"].astype(np.float64) - f["beam_direction"]
+    d_unit = np.sqrt(np.einsum("ij,ij->i", q, q))
+    shapes = f["panel_shapes"].astype(np.int64)
+    return {
+        "total": f["total"],
+        "q_unit": q.astype(np.float32),
+        "d_unit": d_unit.astype(np.float32),
+        "direction": f["solid_angle"] * f["polarization"],
+        "paths": {n: f[n] for n in ("air_path_mm", "sensor_path_mm", "kapton_path_mm") if n in f},
+        "reference": {n: f[n] for n in WAVELENGTH_COEFFICIENTS},
+        "panel_offsets": np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])]),
+        "panel_shapes": shapes,
+        "beam_direction": np.asarray(f["beam_direction"], dtype=np.float64),
+        "wavelength": float(f["wavelength"]),
+        "s0": np.asarray(f["s0"], dtype=np.float64),
+    }
 
 
 _DEFAULT_CACHE: dict = {}
 
 
-def _cached(cache: dict, path: str, load):
+def _cached(cache: dict, path: str, load, max_entries: int = CACHE_ENTRIES):
     """``load()`` memoised on (path, mtime, size); a rewritten file is reread.
 
-    The module's default cache keeps only the most recent two files, so a
-    caller that passes no cache gets per-detector reuse without growing memory.
+    Every cache is a bounded LRU: the ``max_entries`` most recently used
+    files are kept (per-detector arrays, so one entry per detector in use).
     """
     import os
 
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    if key not in cache:
-        if cache is _DEFAULT_CACHE and len(cache) >= 2:
-            cache.pop(next(iter(cache)))
-        cache[key] = load()
-    return cache[key]
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recently used last
+        return cache[key]
+    while len(cache) >= max_entries:
+        cache.pop(next(iter(cache)))
+    cache[key] = value = load()
+    return value
 
 
 def _referenced_extract(corrected_file, still: dict) -> dict:
-    """The arrays of the extracted file a corrected still refers to.
+    """The arrays of the extracted file a corrected still refers to (its
+    fingerprint must match the one recorded by diffuse.correct)."""
+    from diffuse_cli.formats import corrected, extract
 
-    Looked up relative to the corrected file first (a moved project tree
-    still works), then at its absolute path; its fingerprint must match the
-    one recorded by diffuse.correct.
-    """
-    import os
-
-    from libtbx.utils import Sorry
-
-    from diffuse_cli.program import npz_fingerprint
-
-    directory = os.path.dirname(os.path.abspath(corrected_file))
-    candidates = [os.path.join(directory, str(still["extract_file"])), str(still["extract_file_absolute"])]
-    path = next((p for p in candidates if os.path.exists(p)), None)
-    if path is None:
-        raise Sorry(f"{corrected_file}: its extracted pixels {candidates[0]} are missing (diffuse.correct "
-                    "keeps the counts in diffuse.extract's files; keep extracted/ beside corrected/)")
-    if npz_fingerprint(path) != str(still["extract_fingerprint"]):
-        raise Sorry(f"{corrected_file}: {path} changed since diffuse.correct ran; run diffuse.correct again")
-    ex = load_npz(path, EXTRACT_SCHEMA)
-    return {k: ex[k] for k in ("mask_bits", "A", *COUNT_ARRAYS) if k in ex}
+    path = corrected.extract_path(corrected_file, still)
+    return extract.read_extract_arrays(path, fields=("mask_bits", "A", "s0", *extract.COUNT_ARRAYS))
 
 
 def load_observations(corrected_file, cache: dict | None = None, with_pixels: bool = False) -> dict:
     """Observations of one corrected still, for diffuse.merge.
 
-    Reads ``corrected_file`` (schema diffuse.correct/2), the extracted file it
+    Reads ``corrected_file`` (schema diffuse.correct/3), the extracted file it
     refers to (the counts, mask and A), and the ``factors_<key>.npz`` (and
     ``background.npz`` if used) beside it.
     Returns a dict:
 
     * ``hkl`` (N, 3) float64: fractional Miller indices ``A⁻¹ (s1 − s0)``;
-    * ``I`` (N,) float64: photons per microsteradian per second;
+    * ``I`` (N,) float64: photons per microsteradian per unit of the still's
+      normalisation (``normalisation``: per second, per 1e12 incident
+      photons, or per shot; docs/corrections.md);
     * ``sigma`` (N,) float64: Poisson σ of ``I``;
     * ``variance_per_intensity`` (N,) float64: v1 with var(I) = v1·E[I] + (background part);
     * ``d_star`` (N,) float64: |q| = 1/d (Å⁻¹);
     * ``still_id`` (str): the still's name (file stem);
     * ``experiment_index`` (int);
-    * ``pixel`` (N,) int64 pixel indices, if ``with_pixels``.
+    * ``normalisation`` (str): exposure_time, incident_photons or unit;
+    * ``pixel`` (N,) int64 pixel indices, if ``with_pixels``; then also
+      ``panel``, ``fast``, ``slow`` (N,) int64, ``panel_shapes`` (P, 2)
+      (n_slow, n_fast) and ``s1_xy`` (N, 2) float32, the lab x, y of ŝ1.
+
+    The multipliers are the still's own: at its wavelength, from the
+    per-detector direction-only factors and path lengths (:func:`shot_total`).
 
     ``cache`` (a dict kept by the caller) avoids rereading the per-detector
     factors for every still; without one a small module-level cache is used.
@@ -601,8 +721,12 @@ def load_observations(corrected_file, cache: dict | None = None, with_pixels: bo
 
     from diffuse_cli.geometry import hkl_from_q
 
+    from diffuse_cli.formats.background import read_background
+    from diffuse_cli.formats.corrected import read_corrected
+    from diffuse_cli.formats.extract import unpack_counts
+
     cache = _DEFAULT_CACHE if cache is None else cache
-    still = load_npz(corrected_file, CORRECT_SCHEMA)
+    still = read_corrected(corrected_file)
     directory = os.path.dirname(os.path.abspath(corrected_file))
     still.update(_referenced_extract(corrected_file, still))
     fpath = os.path.join(directory, str(still["factors_file"]))
@@ -610,29 +734,48 @@ def load_observations(corrected_file, cache: dict | None = None, with_pixels: bo
     background = None
     if str(still["background_mode"]) == "map":
         bpath = os.path.join(directory, str(still["background_file"]))
-        background = _cached(cache, bpath, lambda: load_npz(bpath, BACKGROUND_SCHEMA))
+        background = _cached(cache, bpath, lambda: read_background(bpath))
 
     pixels = used_pixels(still["mask_bits"], still["n_pixels"])
     counts = unpack_counts(still)
     if len(pixels) != len(counts):
-        raise ValueError(f"{corrected_file}: {len(counts)} counts for {len(pixels)} used pixels")
-    total = factors["total"][pixels]
+        from libtbx.utils import Sorry
+
+        raise Sorry(f"{corrected_file}: {len(counts)} counts for {len(pixels)} used pixels; rerun diffuse.extract")
+    if "attenuation_mu_per_mm" not in still:  # the factors file's reference wavelength
+        total = factors["total"][pixels]
+    else:
+        coefficients = unpack_coefficients(still["attenuation_mu_per_mm"])
+        total = shot_total(factors["direction"], factors["paths"], coefficients, pixels, factors["panel_offsets"])
     bg, bg_var = still_background(still, pixels, background)
-    t = float(still["exposure_time"])
+    norm = float(still["normalisation_value"])
+    s0 = still["s0"] if "s0" in still else factors["s0"]  # the still's beam (/1 extracts: the reference)
+    wavelength = float(1.0 / np.linalg.norm(s0))
     intensity, sigma = corrected_intensity(
-        counts, total, t, gain=float(still["gain"]), background=bg, background_variance=bg_var
+        counts, total, norm, gain=float(still["gain"]), background=bg, background_variance=bg_var
     )
     out = {
-        "hkl": hkl_from_q(factors["q"][pixels], still["A"]),
+        # q = (ŝ1 − ŝ0)/λ, so A⁻¹q = (λA)⁻¹(ŝ1 − ŝ0)
+        "hkl": hkl_from_q(factors["q_unit"][pixels], np.asarray(still["A"], dtype=np.float64) * wavelength),
         "I": intensity,
         "sigma": sigma,
-        # Poisson variance added per unit of corrected intensity (multiplier/t;
+        # Poisson variance added per unit of corrected intensity (multiplier/N;
         # gain cancels): lets diffuse.merge weight by EXPECTED, not observed, counts
-        "variance_per_intensity": total / t,
-        "d_star": factors["d_star"][pixels].astype(np.float64),
+        "variance_per_intensity": total / norm,
+        "d_star": factors["d_unit"][pixels].astype(np.float64) / wavelength,
         "still_id": str(still["still_id"]),
         "experiment_index": int(still["experiment_index"]),
+        "normalisation": str(still["normalisation"]),
     }
     if with_pixels:
         out["pixel"] = pixels
+        # pixel position and direction, for diffuse.merge's detector and absorption terms
+        off = factors["panel_offsets"]
+        panel = np.searchsorted(off, pixels, side="right") - 1
+        local = pixels - off[panel]
+        n_fast = factors["panel_shapes"][panel, 1]
+        out["panel"], out["fast"], out["slow"] = panel, local % n_fast, local // n_fast
+        out["panel_shapes"] = factors["panel_shapes"]
+        # lab x, y of the scattered-beam direction ŝ1 = (ŝ1 − ŝ0) + ŝ0
+        out["s1_xy"] = (factors["q_unit"][pixels, :2] + factors["beam_direction"][:2]).astype(np.float32)
     return out

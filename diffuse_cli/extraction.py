@@ -1,10 +1,12 @@
 """Per-still pixel extraction: geometry cache, used counts, and their hkl.
 
-The per-pixel geometry of a detector + beam (``s1`` of every pixel centre) is
-computed once and cached in ``geometry_<key>.npz`` (schema
-``diffuse.geometry/1``); each still then only stores what cannot be
-recomputed (schema ``diffuse.extract/1``): the packed total mask, the counts of
-the used pixels, the setting matrix ``A`` (q = A·hkl) and the exposure time.
+The unit direction ŝ1 of every pixel centre is computed once per detector
+(and beam direction; never per wavelength) and cached in
+``geometry_<key>.npz`` (schema ``diffuse.geometry/2``); each still then only
+stores what cannot be recomputed (schema ``diffuse.extract/2``): the packed
+total mask, the counts of the used pixels, the setting matrix ``A``
+(q = A·hkl), its beam s0 (so s1 = ŝ1/λ) and the exposure time (0 for XFEL
+shots).
 ``q``, ``hkl`` and ``d*`` of the used pixels are rebuilt from those with
 :func:`used_q`, :func:`used_hkl` and :func:`used_d_star`.
 
@@ -20,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +32,23 @@ import numpy as np
 import diffuse_cli  # noqa: F401  (DIALS environment)
 from libtbx.utils import Sorry
 
-from diffuse_cli import dials_compat, program
+from diffuse_cli import dials_compat, program, provenance
+from diffuse_cli.formats import summaries
+from diffuse_cli.formats.common import CORRUPT
+from diffuse_cli.formats.extract import (  # noqa: F401  (re-exported: the readers' old home)
+    EXTRACT_SCHEMA,
+    Extracted,
+    is_complete,
+    read_extract,
+    write_extract,
+)
+from diffuse_cli.formats.geometry import (  # noqa: F401  (re-exported)
+    DetectorGeometry,
+    geometry_path,
+    read_geometry,
+    write_geometry,
+)
+from diffuse_cli.frames import FrameRef
 from diffuse_cli.geometry import (
     hkl_from_q,
     lab_coordinates_at,
@@ -40,8 +59,13 @@ from diffuse_cli.geometry import (
 
 logger = logging.getLogger("diffuse.extraction")
 
-EXTRACT_SCHEMA = "diffuse.extract/1"
-GEOMETRY_SCHEMA = "diffuse.geometry/1"
+
+#: Parallax-corrected panels share one cached geometry while ln μ falls in
+#: the same bin of this width (μ changes with the wavelength; see
+#: docs/file_formats.md for the bound on the pixel directions this gives).
+PARALLAX_LN_MU_BIN = 0.005
+#: Geometries kept in memory by a GeometryCache (a 6M-pixel one is 75 MB).
+GEOMETRY_CACHE_ENTRIES = 4
 
 # ---------------------------------------------------------------- geometry
 
@@ -62,148 +86,110 @@ def s1_at(detector, beam, panel_ids, fast_px, slow_px) -> np.ndarray:
     return out
 
 
-def geometry_key(detector, beam) -> str:
-    """Short hash of everything that fixes per-pixel s1: detector model and s0."""
-    payload = {
-        "detector": detector.to_dict(),
-        "s0": [round(float(v), 12) for v in beam.get_s0()],
+def _detector_payload(detector) -> dict:
+    """The detector model as a dict, minus what varies with the wavelength only.
+
+    ``mu`` moves no pixel unless the panel applies parallax (thickness > 0);
+    then it enters as its ln-μ bin (PARALLAX_LN_MU_BIN).
+    """
+    d = detector.to_dict()
+    for p in d.get("panels", []):
+        mu, t = float(p.get("mu", 0.0)), float(p.get("thickness", 0.0))
+        parallax = (p.get("px_mm_strategy") or {}).get("type") == "ParallaxCorrectedPxMmStrategy"
+        p["mu"] = int(round(math.log(mu) / PARALLAX_LN_MU_BIN)) if (parallax and mu > 0 and t > 0) else 0
+    return d
+
+
+def _beam_direction_payload(beam) -> dict:
+    """Beam direction and polarization (what the direction-only factors need), no wavelength."""
+    def r(v):
+        return [round(float(x), 9) + 0.0 for x in v]  # + 0.0: no "-0.0"
+
+    return {
+        "direction": r(beam.get_unit_s0()),
+        "polarization_normal": r(beam.get_polarization_normal()),
+        "polarization_fraction": round(float(beam.get_polarization_fraction()), 9),
     }
+
+
+def geometry_key(detector, beam) -> str:
+    """Short hash of what fixes the pixel directions: the detector model and
+    the beam direction (with its polarization), never the wavelength.
+
+    Every XFEL shot of one detector shares one key whatever its wavelength;
+    its s1 is ŝ1/λ (:meth:`DetectorGeometry.for_beam`).
+    """
+    payload = {"detector": _detector_payload(detector), "beam": _beam_direction_payload(beam)}
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-@dataclass
-class DetectorGeometry:
-    """Per-pixel geometry of one detector + beam, flat in pixel order.
-
-    s1: (Npix, 3) float32, Å⁻¹, at pixel centres. s0: (3,) float64 Å⁻¹.
-    panel_shapes: (P, 2) int (n_slow, n_fast).
-    """
-
-    key: str
-    panel_shapes: np.ndarray
-    s1: np.ndarray
-    s0: np.ndarray
-    wavelength: float
-
-    @property
-    def n_pixels(self) -> int:
-        return int(self.s1.shape[0])
-
-    @property
-    def panel_offsets(self) -> np.ndarray:
-        """Flat index of the first pixel of each panel, plus the total, (P+1,)."""
-        sizes = self.panel_shapes[:, 0].astype(np.int64) * self.panel_shapes[:, 1]
-        return np.concatenate([[0], np.cumsum(sizes)])
-
-    def split(self, flat: np.ndarray) -> list[np.ndarray]:
-        """Split a flat per-pixel array into per-panel (n_slow, n_fast, ...) arrays."""
-        off = self.panel_offsets
-        return [
-            flat[off[i] : off[i + 1]].reshape(tuple(self.panel_shapes[i]) + flat.shape[1:])
-            for i in range(len(self.panel_shapes))
-        ]
-
-    def q(self, select: np.ndarray | None = None) -> np.ndarray:
-        """q = s1 − s0 (Å⁻¹, float64) for all pixels or a selection."""
-        s1 = self.s1 if select is None else self.s1[select]
-        return s1.astype(np.float64) - self.s0
-
-    def pixel_panel_fast_slow(self, select: np.ndarray | None = None):
-        """(panel, fast, slow) integer indices of all pixels or a selection."""
-        if select is None:
-            flat = np.arange(self.n_pixels, dtype=np.int64)
-        elif np.asarray(select).dtype == bool:
-            flat = np.flatnonzero(select)
-        else:
-            flat = np.asarray(select, dtype=np.int64)
-        off = self.panel_offsets
-        panel = np.searchsorted(off, flat, side="right") - 1
-        local = flat - off[panel]
-        n_fast = self.panel_shapes[panel, 1]
-        return panel, local % n_fast, local // n_fast
-
-
 def compute_geometry(detector, beam) -> DetectorGeometry:
-    """Per-pixel s1 at pixel centres for every panel (vectorized per panel)."""
-    shapes, s1s = [], []
+    """Pixel-centre directions ŝ1 of every panel (vectorized per panel), bound to ``beam``."""
+    shapes, units = [], []
     for panel in detector:
         n_fast, n_slow = panel.get_image_size()
         lab = pixel_lab_coordinates(panel).reshape(-1, 3)
-        s1s.append(s1_from_lab(lab, beam.get_wavelength()).astype(np.float32))
+        units.append((lab / np.linalg.norm(lab, axis=1, keepdims=True)).astype(np.float32))
         shapes.append((n_slow, n_fast))
     return DetectorGeometry(
         key=geometry_key(detector, beam),
         panel_shapes=np.array(shapes, dtype=np.int32),
-        s1=np.concatenate(s1s),
+        s1_unit=np.concatenate(units),
         s0=np.array(beam.get_s0(), dtype=np.float64),
         wavelength=float(beam.get_wavelength()),
     )
 
 
-def geometry_path(directory, key: str) -> str:
-    return os.path.join(os.fspath(directory), f"geometry_{key}.npz")
-
-
-def write_geometry(path, geometry: DetectorGeometry) -> None:
-    program.write_npz(
-        path,
-        compressed=False,  # float32 s1 hardly compresses; loading stays fast
-        schema=np.array(GEOMETRY_SCHEMA),
-        key=np.array(geometry.key),
-        panel_shapes=geometry.panel_shapes,
-        s1=geometry.s1,
-        s0=geometry.s0,
-        wavelength=np.float64(geometry.wavelength),
-    )
-
-
-def read_geometry(path) -> DetectorGeometry:
-    with np.load(path) as z:
-        _check_schema(z, GEOMETRY_SCHEMA, path)
-        return DetectorGeometry(
-            key=str(z["key"]),
-            panel_shapes=z["panel_shapes"],
-            s1=z["s1"],
-            s0=z["s0"],
-            wavelength=float(z["wavelength"]),
-        )
-
-
 class GeometryCache:
-    """Geometry per (detector, beam), computed once, kept in memory and on disk.
+    """Pixel directions per detector (and beam direction), computed once, kept
+    on disk and in a bounded in-memory LRU of ``max_entries`` geometries.
 
     directory: where ``geometry_<key>.npz`` files are read from / written to
-    (None: memory only).
+    (None: memory only). ``get`` returns a view bound to the given beam, so
+    shots of one detector with different wavelengths share one entry.
     """
 
-    def __init__(self, directory=None):
+    def __init__(self, directory=None, max_entries: int = GEOMETRY_CACHE_ENTRIES):
         self.directory = directory
-        self._by_key: dict[str, DetectorGeometry] = {}
+        self.max_entries = int(max_entries)
+        self._by_key: OrderedDict[str, DetectorGeometry] = OrderedDict()
 
-    def get(self, detector, beam) -> DetectorGeometry:
-        key = geometry_key(detector, beam)
+    def _remember(self, key: str, geometry: DetectorGeometry) -> DetectorGeometry:
+        self._by_key[key] = geometry
+        self._by_key.move_to_end(key)
+        while len(self._by_key) > self.max_entries:
+            self._by_key.popitem(last=False)
+        return geometry
+
+    def _lookup(self, key: str) -> DetectorGeometry | None:
         geometry = self._by_key.get(key)
         if geometry is not None:
+            self._by_key.move_to_end(key)
             return geometry
         path = geometry_path(self.directory, key) if self.directory else None
         if path and os.path.exists(path):
-            geometry = read_geometry(path)
-        else:
+            return self._remember(key, read_geometry(path))
+        return None
+
+    def get(self, detector, beam) -> DetectorGeometry:
+        key = geometry_key(detector, beam)
+        geometry = self._lookup(key)
+        if geometry is None:
             geometry = compute_geometry(detector, beam)
-            if path:
+            if self.directory:
+                path = geometry_path(self.directory, key)
                 write_geometry(path, geometry)
                 logger.debug("Wrote %s", path)
-        self._by_key[key] = geometry
-        return geometry
+            self._remember(key, geometry)
+        return geometry.for_beam(beam)
 
     def by_key(self, key: str) -> DetectorGeometry:
-        geometry = self._by_key.get(key)
+        """The geometry of ``key``, bound to its reference beam (the first it was computed with)."""
+        geometry = self._lookup(key)
         if geometry is None:
-            path = geometry_path(self.directory, key)
-            if not os.path.exists(path):
-                raise Sorry(f"Geometry file not found: {path}")
-            geometry = self._by_key[key] = read_geometry(path)
+            path = geometry_path(self.directory, key) if self.directory else key
+            raise Sorry(f"Geometry file not found: {path}")
         return geometry
 
 
@@ -214,8 +200,10 @@ class GeometryCache:
 class StillRef:
     """One image to extract: which experiment, which image, which frame.
 
-    name: output stem; image_index: index within the imageset; frame: array
-    index within the scan for rotation data (None for stills).
+    name: output stem; image_index: index within the imageset; frame: the
+    absolute dxtbx array index of the image for rotation data (image number
+    − 1, as in ``scan.get_array_range()``; see :mod:`diffuse_cli.frames`),
+    None for stills.
     """
 
     name: str
@@ -246,8 +234,9 @@ def image_refs(experiments) -> list[StillRef]:
     for i, expt in enumerate(experiments):
         iset = expt.imageset
         if is_rotation(expt):
-            for frame in range(len(iset)):
-                refs.append(_ref(i, iset, frame, frame))
+            frames = FrameRef.from_experiment(expt)
+            for a in frames.array_indices():
+                refs.append(_ref(i, iset, frames.imageset_index(a), a))
         else:
             if len(iset) != 1:
                 raise Sorry(
@@ -279,15 +268,9 @@ def _ref(i, iset, image_index, frame) -> StillRef:
     return StillRef(f"{stem}_{file_index:05d}", i, image_index, path, frame, file_index)
 
 
-def image_name_key(ref: StillRef) -> str:
-    """Name of the image alone (without the lattice suffix); masks are per image."""
-    stem = os.path.basename(ref.image_path)
-    return f"{stem}:{ref.file_index}"
-
-
 def raw_counts(imageset, image_index: int) -> np.ndarray:
     """Raw pixel values of one image, flat in pixel order (int32 or float64)."""
-    data = imageset.get_raw_data(image_index)
+    data = program.read_raw_data(imageset, image_index)
     if not isinstance(data, tuple):
         data = (data,)
     arrays = [d.as_numpy_array().ravel() for d in data]
@@ -306,144 +289,32 @@ def trusted_mask(detector, counts: np.ndarray, geometry: DetectorGeometry) -> np
 
 
 def exposure_time(experiment, image_index: int) -> float:
-    """Exposure time (s) of an image (index within the experiment's imageset)."""
+    """Exposure time (s) of an image (index within the experiment's imageset).
+
+    0.0 when the image has none (an XFEL pulse: CSPAD headers say
+    ``integration_time 0.0``); diffuse.correct then normalises the shot per
+    shot instead of per second (docs/corrections.md, normalisation).
+    """
     try:
         return dials_compat.exposure_time(experiment.imageset, image_index)
-    except ValueError as e:
-        raise Sorry(f"{e}: the corrections need it") from e
-
-
-# ---------------------------------------------------------------- per-still files
-
-
-@dataclass
-class Extracted:
-    """A per-still extract file, read back (see docs/file_formats.md)."""
-
-    mask: np.ndarray  # (Npix,) bool, True = used
-    counts: np.ndarray  # (Nused,) float64 or int64
-    A: np.ndarray  # (3, 3): q = A·hkl
-    exposure_time: float
-    geometry_key: str
-    experiment_index: int
-    image_path: str
-    image_index: int
-    frame: int
-    name: str
-
-    @property
-    def n_used(self) -> int:
-        return int(self.counts.shape[0])
-
-
-def pack_counts(counts: np.ndarray) -> dict:
-    """Compact storage of used-pixel counts.
-
-    Non-negative integers: ``counts`` as uint8 (values clipped to 255) plus
-    ``overflow_index`` (uint32, positions within the used pixels) and
-    ``overflow_counts`` (int32) holding the exact values >= 255. Other integers:
-    int32. Non-integral values: float32.
-    """
-    integral = np.issubdtype(counts.dtype, np.integer) or bool(
-        np.all(np.equal(np.mod(counts, 1), 0))
-    )
-    if not integral:
-        return {"counts": counts.astype(np.float32)}
-    if counts.size == 0 or counts.min() >= 0:
-        over = np.flatnonzero(counts >= 255)
-        return {
-            "counts": np.minimum(counts, 255).astype(np.uint8),
-            "overflow_index": over.astype(np.uint32),
-            "overflow_counts": counts[over].astype(np.int32),
-        }
-    return {"counts": counts.astype(np.int32)}
-
-
-def unpack_counts(z) -> np.ndarray:
-    counts = z["counts"]
-    if "overflow_index" in z:
-        counts = counts.astype(np.int32)
-        counts[z["overflow_index"].astype(np.int64)] = z["overflow_counts"]
-    elif counts.dtype == np.float32:
-        counts = counts.astype(np.float64)
-    return counts
-
-
-def write_extract(path, *, mask, counts, A, exposure_time, geometry_key, ref: StillRef):
-    """Write one still's extract (schema diffuse.extract/1), atomically."""
-    mask = np.asarray(mask, dtype=bool)
-    arrays = {
-        "schema": np.array(EXTRACT_SCHEMA),
-        "mask_bits": np.packbits(mask),
-        "n_pixels": np.int64(mask.size),
-        **pack_counts(np.asarray(counts)),
-        "A": np.asarray(A, dtype=np.float64).reshape(3, 3),
-        "exposure_time": np.float64(exposure_time),
-        "geometry_key": np.array(geometry_key),
-        "experiment_index": np.int64(ref.experiment_index),
-        "image_path": np.array(ref.image_path),
-        "image_index": np.int64(ref.file_index),
-        "frame": np.int64(-1 if ref.frame is None else ref.frame),
-        "name": np.array(ref.name),
-    }
-    program.write_npz(path, compresslevel=program.FAST_ZIP_LEVEL, **arrays)
-
-
-def read_extract(path) -> Extracted:
-    """Read a ``diffuse.extract/1`` file."""
-    if not os.path.exists(path):
-        raise Sorry(f"File not found: {path}")
-    with np.load(path) as z:
-        _check_schema(z, EXTRACT_SCHEMA, path)
-        n = int(z["n_pixels"])
-        mask = np.unpackbits(z["mask_bits"], count=n).astype(bool)
-        counts = unpack_counts(z)
-        if counts.shape[0] != int(mask.sum()):
-            raise Sorry(f"{path}: {counts.shape[0]} counts for {int(mask.sum())} used pixels")
-        return Extracted(
-            mask=mask,
-            counts=counts,
-            A=z["A"],
-            exposure_time=float(z["exposure_time"]),
-            geometry_key=str(z["geometry_key"]),
-            experiment_index=int(z["experiment_index"]),
-            image_path=str(z["image_path"]),
-            image_index=int(z["image_index"]),
-            frame=int(z["frame"]),
-            name=str(z["name"]),
-        )
-
-
-def is_complete(path) -> bool:
-    """True if ``path`` is a readable extract file of the current schema."""
-    if not os.path.exists(path):
-        return False
-    try:
-        with np.load(path) as z:
-            return str(z["schema"]) == EXTRACT_SCHEMA and "counts" in z and "A" in z
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-        return False
-
-
-def _check_schema(z, expected: str, path) -> None:
-    schema = str(z["schema"]) if "schema" in z else "none"
-    if schema != expected:
-        raise Sorry(f"{path}: schema {schema}, expected {expected}")
+    except ValueError:
+        return 0.0
 
 
 # ---------------------------------------------------------------- rebuild q / hkl
 
 
-def geometry_for(extracted: Extracted, directory=None, cache: GeometryCache | None = None):
-    """The geometry of an extract: from ``cache``, else ``geometry_<key>.npz`` in ``directory``."""
-    if cache is None:
-        cache = GeometryCache(directory)
-    return cache.by_key(extracted.geometry_key)
+def _still_wavelength(extracted: Extracted, geometry: DetectorGeometry):
+    """(s0, λ) of the still: its own beam (/2 files), else the geometry's (/1)."""
+    if extracted.s0 is None:
+        return np.asarray(geometry.s0, dtype=np.float64), float(geometry.wavelength)
+    return extracted.s0, extracted.wavelength
 
 
 def used_s1(extracted: Extracted, geometry: DetectorGeometry) -> np.ndarray:
-    """s1 (Å⁻¹, float64, (Nused, 3)) of the used pixels, in pixel order."""
-    return geometry.s1[_check_mask(extracted, geometry)].astype(np.float64)
+    """s1 = ŝ1/λ (Å⁻¹, float64, (Nused, 3)) of the used pixels, in pixel order, λ the still's."""
+    _, wavelength = _still_wavelength(extracted, geometry)
+    return geometry.s1_unit[_check_mask(extracted, geometry)].astype(np.float64) / wavelength
 
 
 def _check_mask(extracted: Extracted, geometry: DetectorGeometry) -> np.ndarray:
@@ -453,8 +324,9 @@ def _check_mask(extracted: Extracted, geometry: DetectorGeometry) -> np.ndarray:
 
 
 def used_q(extracted: Extracted, geometry: DetectorGeometry) -> np.ndarray:
-    """q = s1 − s0 (Å⁻¹, (Nused, 3)) of the used pixels."""
-    return used_s1(extracted, geometry) - geometry.s0
+    """q = s1 − s0 (Å⁻¹, (Nused, 3)) of the used pixels, with the still's own beam."""
+    s0, _ = _still_wavelength(extracted, geometry)
+    return used_s1(extracted, geometry) - s0
 
 
 def used_hkl(extracted: Extracted, geometry: DetectorGeometry, q: np.ndarray | None = None) -> np.ndarray:
@@ -494,6 +366,8 @@ def extract_still(experiment, ref: StillRef, mask: np.ndarray, geometry: Detecto
         "A": A,
         "exposure_time": exposure_time(experiment, ref.image_index),
         "geometry_key": geometry.key,
+        "s0": np.array(experiment.beam.get_s0(), dtype=np.float64),
+        "beam_flux": float(experiment.beam.get_flux()),
     }
 
 
@@ -513,39 +387,54 @@ class MaskSource:
     def __init__(self, summary=None, static=None):
         self.by_image: dict = {}
         self.static = None
+        self.static_fingerprint = None
         if summary:
-            if not os.path.exists(summary):
-                raise Sorry(f"File not found: {summary}")
-            with open(summary) as fh:
-                data = json.load(fh)
-            if data.get("schema") != "diffuse.bragg_mask/1":
-                raise Sorry(f"{summary}: not a diffuse.bragg_mask summary")
+            data = summaries.read_summary(summary, summaries.BRAGG_MASK_SUMMARY_SCHEMA)
             directory = os.path.dirname(os.path.abspath(summary))
             for e in data["stills"]:
+                if e.get("status") == "failed":
+                    continue
                 key = (os.path.abspath(e["image_path"]), int(e["image_index"]), e["frame"])
                 # the packed copy loads ~50x faster than the DIALS pickle
                 name = e.get("mask_bits") or e["mask"]
                 self.by_image[key] = os.path.join(directory, name)
         if static:
-            from diffuse_cli.masking import read_mask
+            from diffuse_cli.formats.masks import read_mask
 
             self.static = read_mask(static)
+            self.static_fingerprint = provenance.file_fingerprint(static)
         if not self.by_image and self.static is None:
             raise Sorry(
                 "Give masks.summary=bragg_masks/summary.json (from diffuse.bragg_mask) "
                 "or masks.static=<mask file>"
             )
 
+    def _path(self, ref: StillRef) -> str:
+        key = (os.path.abspath(ref.image_path), ref.file_index, ref.frame)
+        path = self.by_image.get(key)
+        if path is None:
+            raise Sorry(f"No Bragg mask for {ref.name} in the bragg_mask summary")
+        if not os.path.exists(path):
+            raise Sorry(f"File not found: {path} (listed in the bragg_mask summary)")
+        return path
+
+    def fingerprint(self, ref: StillRef) -> dict:
+        """Content fingerprints of the mask file(s) ``ref`` gets (see diffuse_cli.provenance)."""
+        bragg = None
+        if self.by_image:
+            path = self._path(ref)
+            try:
+                bragg = provenance.file_fingerprint(path)
+            except CORRUPT as e:
+                raise Sorry(f"{path}: not a readable mask file ({type(e).__name__}); rerun diffuse.bragg_mask") from None
+        return {"bragg": bragg, "static": self.static_fingerprint}
+
     def mask_for(self, ref: StillRef, n_pixels: int) -> np.ndarray:
-        from diffuse_cli.masking import read_mask_any as read_mask
+        from diffuse_cli.formats.masks import read_mask_any as read_mask
 
         mask = None
         if self.by_image:
-            key = (os.path.abspath(ref.image_path), ref.file_index, ref.frame)
-            path = self.by_image.get(key)
-            if path is None:
-                raise Sorry(f"No Bragg mask for {ref.name} in the bragg_mask summary")
-            mask = read_mask(path)
+            mask = read_mask(self._path(ref))
         if self.static is not None:
             mask = self.static if mask is None else (mask & self.static)
         if mask.size != n_pixels:
@@ -554,23 +443,51 @@ class MaskSource:
 
 
 def _extract_one(ref: StillRef) -> dict:
-    """Worker: extract one image (or skip it if done) -> summary entry."""
+    """Worker: extract one image (or skip it if done) -> summary entry.
+
+    The batch rule: a still that cannot be extracted (missing or corrupt
+    image or mask) is a ``status: failed`` entry with its ``reason``, its
+    old output removed (it would be stale), and the batch goes on.
+    """
+    path = os.path.join(_STATE["params"].output.directory, f"{ref.name}.npz")
+    entry = {"name": ref.name, "file": os.path.basename(path), "experiment_index": ref.experiment_index}
+    try:
+        return _extract_still_entry(ref, path, entry)
+    except Sorry as e:
+        if os.path.exists(path):
+            os.remove(path)
+        return {**entry, "status": "failed", "reason": str(e)}
+
+
+def _extract_still_entry(ref: StillRef, path: str, entry: dict) -> dict:
     import time
 
     st = _STATE
     params, experiments = st["params"], st["experiments"]
-    path = os.path.join(params.output.directory, f"{ref.name}.npz")
-    entry = {"name": ref.name, "file": os.path.basename(path), "experiment_index": ref.experiment_index}
-    if not params.output.overwrite and is_complete(path):
-        entry["skipped"] = True
+    expt = experiments[ref.experiment_index]
+    if not os.path.isfile(ref.image_path):
+        raise Sorry(f"File not found: {ref.image_path}")
+    # the resume rule (diffuse_cli.provenance): image, mask content, models
+    parts = {
+        "schema": EXTRACT_SCHEMA,
+        "image": provenance.image_fingerprint(ref.image_path, ref.file_index),
+        "frame": ref.frame,
+        "masks": st["masks"].fingerprint(ref),
+        "experiment": st["experiment_fingerprint"][ref.experiment_index],
+    }
+    key = provenance.key_of(parts)
+    entry["provenance_key"] = key
+    if provenance.is_current(path, key, params.output.overwrite):
+        entry.update(status="up to date", skipped=True)
         return entry
     t0 = time.perf_counter()
-    expt = experiments[ref.experiment_index]
     geometry = st["cache"].get(expt.detector, expt.beam)
     mask = st["masks"].mask_for(ref, geometry.n_pixels)
     arrays = extract_still(expt, ref, mask, geometry)
-    write_extract(path, ref=ref, **arrays)
+    write_extract(path, ref=ref, experiment_identifier=expt.identifier, **arrays,
+                  **provenance.npz_fields(key, parts))
     entry.update(
+        status="extracted",
         n_used=int(arrays["mask"].sum()),
         fraction_used=float(arrays["mask"].mean()),
         exposure_time=arrays["exposure_time"],
@@ -584,6 +501,7 @@ def run_extract(experiments, params) -> list[dict]:
 
     nproc = program.resolve_nproc(params.nproc)
     os.makedirs(params.output.directory, exist_ok=True)
+    provenance.remove_temporaries(params.output.directory)
     masks = MaskSource(params.masks.summary, params.masks.static)
     cache = GeometryCache(params.output.directory)
     refs = image_refs(experiments)
@@ -591,21 +509,31 @@ def run_extract(experiments, params) -> list[dict]:
     for expt in experiments:
         cache.get(expt.detector, expt.beam)
     logger.info("%d images to extract, %d geometry file(s) in %s", len(refs), len(cache._by_key), params.output.directory)
-    _STATE.update(params=params, experiments=experiments, cache=cache, masks=masks)
+    _STATE.update(params=params, experiments=experiments, cache=cache, masks=masks,
+                  experiment_fingerprint=[provenance.experiment_fingerprint(e) for e in experiments])
     try:
         entries = program.parallel_map(_extract_one, refs, nproc, desc="extract")
     finally:
         _STATE.clear()
+    # extracts of stills no longer among the inputs (diffuse.correct reads the whole directory)
+    import glob
+
+    ours = [
+        p for p in glob.glob(os.path.join(glob.escape(params.output.directory), "*.npz"))
+        if not os.path.basename(p).startswith("geometry_") and is_complete(p)
+    ]
+    provenance.stale_outputs(ours, [os.path.join(params.output.directory, e["file"]) for e in entries],
+                             params.output.stale)
     summary_path = os.path.join(params.output.directory, "summary.json")
-    if os.path.exists(summary_path):  # a rerun keeps the figures of skipped stills
-        with open(summary_path) as fh:
-            previous = {e["name"]: e for e in json.load(fh).get("stills", [])}
-        for e in entries:
-            old = previous.get(e["name"])
-            if e.get("skipped") and old is not None:
-                e.update({k: v for k, v in old.items() if k not in e})
-    done = [e for e in entries if not e.get("skipped")]
-    skipped = len(entries) - len(done)
+    # a rerun keeps the figures of skipped stills
+    previous = summaries.previous_stills(summary_path, summaries.EXTRACT_SUMMARY_SCHEMA)
+    for e in entries:
+        old = previous.get(e["name"])
+        if e.get("skipped") and old is not None and old.get("provenance_key") == e["provenance_key"]:
+            e.update({k: v for k, v in old.items() if k not in e})
+    failed = [e for e in entries if e.get("status") == "failed"]
+    done = [e for e in entries if not e.get("skipped") and e.get("status") != "failed"]
+    skipped = len(entries) - len(done) - len(failed)
     if done:
         t = np.array([e["seconds"] for e in done])
         f = np.array([e["fraction_used"] for e in done])
@@ -613,8 +541,9 @@ def run_extract(experiments, params) -> list[dict]:
             "Extracted %d images (%.3f s each, median), %.1f %% of pixels used (median); %d already done",
             len(done), float(np.median(t)), 100 * float(np.median(f)), skipped,
         )
-    else:
-        logger.info("Nothing to do: all %d images already extracted (overwrite=True to redo)", skipped)
-    summary = {"schema": "diffuse.extract_summary/1", "stills": entries}
-    program.write_json(summary_path, summary)
+    elif not failed:
+        logger.info("Nothing to do: all %d images extracted from the same inputs (overwrite=True to redo)", skipped)
+    # bragg_masks: read by diffuse.merge (absolute scale: Bragg part missing from the map)
+    summaries.write_summary(summary_path, summaries.EXTRACT_SUMMARY_SCHEMA, entries, bragg_masks=bool(masks.by_image))
+    summaries.report_failed("diffuse.extract", failed, len(entries), summary_path)
     return entries

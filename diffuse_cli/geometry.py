@@ -103,32 +103,22 @@ def chi_degrees(s1: np.ndarray) -> np.ndarray:
     return np.degrees(np.arctan2(s1[..., 1], s1[..., 0]))
 
 
-def setting_matrix(crystal, goniometer=None, scan=None, frame: int | None = None) -> np.ndarray:
+def setting_matrix(crystal, goniometer=None, scan=None, array_index: int | None = None) -> np.ndarray:
     """The matrix M with q = M hkl for a pixel on a given image.
 
-    Stills: ``M = A``. Rotation data: ``M = S R(φ) F A(φ)`` where S is the
-    goniometer setting rotation, R the rotation about the spindle by the angle
-    at the centre of the frame (array index ``frame`` within the scan), F the
-    fixed rotation, and A(φ) the scan-varying setting matrix when available.
+    Stills: ``M = A``. Rotation data: ``M = S R(φ) F A(φ)`` at the centre of
+    the frame with absolute dxtbx array index ``array_index`` (the scan's
+    frames are ``scan.get_array_range()``, which starts at image_range[0] − 1).
+    The arithmetic is :class:`diffuse_cli.frames.FrameRef`'s.
     """
-    if goniometer is None or scan is None or frame is None:
+    if goniometer is None or scan is None or array_index is None:
         return np.array(crystal.get_A(), dtype=np.float64).reshape(3, 3)
-    from scitbx import matrix
+    from diffuse_cli.frames import FrameRef
 
-    if crystal.num_scan_points > 0:
-        # scan points sit at frame boundaries; average the two around the centre
-        i = min(frame, crystal.num_scan_points - 2)
-        A = (
-            np.array(crystal.get_A_at_scan_point(i)) + np.array(crystal.get_A_at_scan_point(i + 1))
-        ).reshape(3, 3) / 2.0
-    else:
-        A = np.array(crystal.get_A(), dtype=np.float64).reshape(3, 3)
-    phi = scan.get_angle_from_array_index(frame + 0.5, deg=True)
-    axis = matrix.col(goniometer.get_rotation_axis_datum())
-    R = np.array(axis.axis_and_angle_as_r3_rotation_matrix(phi, deg=True)).reshape(3, 3)
-    S = np.array(goniometer.get_setting_rotation()).reshape(3, 3)
-    F = np.array(goniometer.get_fixed_rotation()).reshape(3, 3)
-    return S @ R @ F @ A
+    frames = FrameRef.from_scan(scan)
+    if not frames.in_scan(array_index):
+        raise ValueError(f"array index {array_index} is outside the scan {frames.array_range}")
+    return frames.setting_matrix(crystal, goniometer, float(array_index) + 0.5)
 
 
 @dataclass

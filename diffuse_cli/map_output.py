@@ -1,4 +1,4 @@
-"""Writing a merged map: merged.npz, CCP4/MRC map, PNG sections and I(|q|).
+"""Writing a merged map: CCP4/MRC map, PNG sections and I(|q|) (merged.npz: diffuse_cli.formats.merged).
 
 CCP4 map convention (reciprocal space): the map's "unit cell" is the
 reciprocal cell scaled to the grid, ``(n_h·a*/ndiv, n_k·b*/ndiv, n_l·c*/ndiv,
@@ -22,27 +22,6 @@ from diffuse_cli.grid import HKLGrid
 from diffuse_cli.symmetry import b_matrix
 
 logger = logging.getLogger("diffuse.map_output")
-
-SCHEMA = "diffuse.merge/1"
-
-
-def write_merged_npz(path, grid: HKLGrid, I, sigma, counts, unit_cell, space_group: str,
-                     **provenance) -> None:
-    """merged.npz (schema diffuse.merge/1): I, sigma, counts [h,k,l], axes and provenance."""
-    h, k, l = grid.axes()
-    program.write_npz(
-        path,
-        schema=np.array(SCHEMA),
-        I=np.asarray(I, dtype=np.float32).reshape(grid.shape),
-        sigma=np.asarray(sigma, dtype=np.float32).reshape(grid.shape),
-        counts=np.asarray(counts, dtype=np.int64).reshape(grid.shape),
-        h=h, k=k, l=l,
-        ndiv=np.asarray(grid.ndiv, dtype=np.int64),
-        unit_cell=np.asarray(unit_cell, dtype=np.float64),
-        space_group=np.array(str(space_group)),
-        **{key: np.asarray(v) for key, v in provenance.items()},
-    )
-
 
 def map_unit_cell(grid: HKLGrid, unit_cell) -> tuple:
     """The CCP4 'cell' of the reciprocal-space map (see module doc)."""
@@ -140,4 +119,29 @@ def plot_radial(path, d_star: np.ndarray, mean_I: np.ndarray, label: str = "⟨I
     sec.set_xticks([d for d in (20, 10, 6, 4, 3, 2.5, 2, 1.6, 1.3, 1.0, 0.8) if 1.0 / d <= xmax * 1.02])
     sec.set_xlabel("d (Å)")
     ax.legend(fontsize=8)
+    program.save_figure(path, fig)
+
+
+def plot_shell_statistics(path, stats: dict) -> None:
+    """CC½ (total, anisotropic) and the Friedel CC per resolution shell against d* (Å⁻¹)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = stats["shells"]
+    d_star = np.array([0.5 * (1.0 / r["d_min"] + (1.0 / r["d_max"] if np.isfinite(r["d_max"]) else 0.0))
+                       for r in rows])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, style, label in (("cc_half", "k.-", "CC½"), ("cc_half_aniso", "b.-", "CC½ anisotropic"),
+                              ("cc_friedel", "r.--", "Friedel CC: I(h) vs I(−h)")):
+        values = np.array([r.get(key, np.nan) for r in rows], dtype=float)
+        if np.isfinite(values).any():
+            ax.plot(d_star, values, style, ms=4, lw=1, label=label)
+    ax.axhline(0.0, color="0.7", lw=0.8)
+    ax.set_xlabel("|q| = d* = 1/d (Å⁻¹), shell centre")
+    ax.set_ylabel("correlation coefficient (dimensionless)")
+    ax.set_ylim(-0.2, 1.05)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("Merge statistics per resolution shell")
     program.save_figure(path, fig)

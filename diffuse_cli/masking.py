@@ -41,6 +41,7 @@ import diffuse_cli  # noqa: F401  (DIALS environment)
 from libtbx.utils import Sorry
 from scitbx.array_family import flex
 
+from diffuse_cli import provenance
 from diffuse_cli.extraction import DetectorGeometry, raw_counts, s1_at, trusted_mask
 
 logger = logging.getLogger("diffuse.masking")
@@ -49,48 +50,15 @@ logger = logging.getLogger("diffuse.masking")
 _CHUNK = 1 << 20
 
 
-# ---------------------------------------------------------------- conversions
-
-
-def to_dials(flat: np.ndarray, geometry: DetectorGeometry) -> tuple:
-    """Flat bool (Npix,) -> tuple of flex.bool (n_slow, n_fast) per panel."""
-    return tuple(flex.bool(np.ascontiguousarray(a)) for a in geometry.split(np.asarray(flat, dtype=bool)))
-
-
-def from_dials(masks) -> np.ndarray:
-    """Tuple of flex.bool per panel -> flat bool (Npix,)."""
-    if not isinstance(masks, (tuple, list)):
-        masks = (masks,)
-    return np.concatenate([m.as_numpy_array().ravel() for m in masks]).astype(bool)
-
-
-def read_mask(path) -> np.ndarray:
-    """Read a DIALS mask file (pickled tuple of flex.bool) as a flat bool array."""
-    import pickle
-
-    with open(path, "rb") as fh:
-        return from_dials(pickle.load(fh))
-
-
-MASK_BITS_SCHEMA = "diffuse.mask_bits/1"
-
-
-def write_mask_bits(path, flat: np.ndarray) -> None:
-    """Packed copy of a flat mask (``np.packbits``, True = usable), fast to load."""
-    from diffuse_cli import program
-
-    program.write_npz(path, schema=np.array(MASK_BITS_SCHEMA), bits=np.packbits(flat), n_pixels=np.int64(flat.size))
-
-
-def read_mask_any(path) -> np.ndarray:
-    """Flat bool mask from a packed ``.npz`` (write_mask_bits) or a DIALS mask file."""
-    path = str(path)
-    if path.endswith(".npz"):
-        with np.load(path) as z:
-            if str(z["schema"]) != MASK_BITS_SCHEMA:
-                raise Sorry(f"{path}: not a {MASK_BITS_SCHEMA} file")
-            return np.unpackbits(z["bits"], count=int(z["n_pixels"])).astype(bool)
-    return read_mask(path)
+# mask files: one reader and writer, in diffuse_cli.formats.masks (re-exported here)
+from diffuse_cli.formats.masks import (  # noqa: E402,F401
+    MASK_BITS_SCHEMA,
+    from_dials,
+    read_mask,
+    read_mask_any,
+    to_dials,
+    write_mask_bits,
+)
 
 
 # ---------------------------------------------------------------- static / dynamic
@@ -135,25 +103,33 @@ def dynamic_mask(
     hot_min_excess: float = 5.0,
     dead_min_expected: float = 20.0,
     filter_size: int = 5,
+    hot_fraction: float = 1.0,
+    min_hot_images: int = 1,
 ) -> tuple[np.ndarray, dict]:
     """Hot and dead pixels from a set of images (True = usable), flat.
 
-    images: iterable of flat count arrays (one per still); valid: the static
-    mask. Per pixel over the N images: mean m, minimum lo, maximum hi. The
-    local reference b is the median of m over a ``filter_size`` square
-    (per panel, invalid pixels replaced by the panel median).
+    images: flat count arrays (one per still), as a sequence or a callable
+    returning a fresh iterable (read twice: once for the reference, once to
+    count); valid: the static mask. Per pixel over the N images: mean m,
+    maximum hi. The local reference b is the median of m over a
+    ``filter_size`` square (per panel, invalid pixels replaced by the panel
+    median).
 
-    * hot: lo > b + hot_min_excess + hot_n_sigma·sqrt(b), i.e. above the
-      Poisson range of the neighbourhood in *every* image (a Bragg peak moves
-      from still to still, a hot pixel does not);
+    * hot: above b + hot_min_excess + hot_n_sigma·sqrt(b), i.e. above the
+      Poisson range of the neighbourhood, in at least ``hot_fraction``·N and
+      ``min_hot_images`` of the images (a Bragg peak moves from still to still
+      and lasts a few frames of a sweep; a hot pixel stays);
     * dead: hi == 0 (never counted) while N·b >= dead_min_expected counts were
       expected (Poisson probability e^-N·b).
     """
     from scipy.ndimage import median_filter
 
+    def each_image():
+        return images() if callable(images) else iter(images)
+
     total = lo = hi = None
     n = 0
-    for counts in images:
+    for counts in each_image():
         c = counts.astype(np.float32)
         if total is None:
             total = np.zeros(c.shape, dtype=np.float64)
@@ -173,7 +149,15 @@ def dynamic_mask(
         ok = valid[sl]
         m[~ok] = np.median(m[ok]) if ok.any() else 0.0
         ref[sl] = median_filter(m.reshape(tuple(shape)), size=filter_size, mode="nearest").ravel()
-    hot = valid & (lo > ref + hot_min_excess + hot_n_sigma * np.sqrt(np.maximum(ref, 0)))
+    threshold = ref + hot_min_excess + hot_n_sigma * np.sqrt(np.maximum(ref, 0))
+    if hot_fraction >= 1.0:
+        hot = valid & (lo > threshold)
+    else:
+        above = np.zeros(mean.shape, dtype=np.int32)
+        for counts in each_image():
+            above += counts > threshold
+        need = max(int(np.ceil(hot_fraction * n)), int(min_hot_images))
+        hot = valid & (above >= need)
     dead = valid & (hi == 0) & (n * ref >= dead_min_expected)
     stats = {"n_images": n, "hot": int(hot.sum()), "dead": int(dead.sum())}
     return ~(hot | dead), stats
@@ -197,9 +181,6 @@ class BraggShape:
     source: str = "user"
     n_reflections: int = 0
     excitation_slope: float = 0.0
-
-    def excitation_at(self, d_star: np.ndarray) -> np.ndarray:
-        return self.excitation + self.excitation_slope * d_star
 
     def as_dict(self, px_scale: float | None = None) -> dict:
         d = {
@@ -244,20 +225,7 @@ def ewald_residuals(experiment, reflections, M: np.ndarray | None = None):
     if M is not None:
         dq = q - hkl @ np.asarray(M, dtype=np.float64).reshape(3, 3).T
     else:
-        from diffuse_cli.extraction import is_rotation
-        from diffuse_cli.geometry import setting_matrix
-
-        if is_rotation(experiment):
-            # each reflection against the setting matrix of its centroid frame
-            n_frames = len(experiment.imageset)
-            frame = np.clip(np.floor(z.as_numpy_array()).astype(int), 0, n_frames - 1)
-            dq = np.empty_like(q)
-            for f in np.unique(frame):  # loop over frames, vectorized within
-                sel = frame == f
-                Mf = setting_matrix(experiment.crystal, experiment.goniometer, experiment.scan, int(f))
-                dq[sel] = q[sel] - hkl[sel] @ Mf.T
-        else:
-            dq = q - hkl @ np.array(experiment.crystal.get_A(), dtype=np.float64).reshape(3, 3).T
+        dq = q - _lattice_points(experiment, hkl, z.as_numpy_array(), at_z=True)
     n = s1 / np.linalg.norm(s1, axis=1, keepdims=True)
     dn = np.einsum("ij,ij->i", dq, n)
     dt = np.sqrt(np.maximum(np.einsum("ij,ij->i", dq, dq) - dn**2, 0.0))
@@ -353,23 +321,100 @@ def _mosaic_envelope(experiment):
 
 def _reflection_excitation(experiment, reflections) -> tuple[np.ndarray, np.ndarray]:
     """ε and d* = |G| (Å⁻¹) of each reflection's lattice point G = M·hkl."""
-    from diffuse_cli.extraction import is_rotation
-    from diffuse_cli.geometry import setting_matrix
-
     hkl = np.array(reflections["miller_index"], dtype=np.float64).reshape(-1, 3)
     s0 = np.array(experiment.beam.get_s0(), dtype=np.float64)
+    z = reflections["xyzobs.px.value"].parts()[2].as_numpy_array()
+    G = _lattice_points(experiment, hkl, z)
+    return excitation_error(G, s0), np.linalg.norm(G, axis=1)
+
+
+def _lattice_points(experiment, hkl: np.ndarray, z: np.ndarray, at_z: bool = False) -> np.ndarray:
+    """Lattice points G = M·hkl (Å⁻¹, (N, 3)) as the pixels of their image see them.
+
+    Stills: M = A. Rotation data: M at the centre of the frame that holds
+    each reflection's (absolute) z, the same M as that frame's pixels get;
+    with ``at_z``, M at z itself (the rotation angle of the centroid).
+    """
+    from diffuse_cli.extraction import is_rotation
+    from diffuse_cli.frames import FrameRef
+
     if not is_rotation(experiment):
         A = np.array(experiment.crystal.get_A(), dtype=np.float64).reshape(3, 3)
-        G = hkl @ A.T
+        return hkl @ A.T
+    frames = FrameRef.from_experiment(experiment)
+    first, end = frames.array_range
+    if at_z:
+        M = frames.setting_matrix(experiment.crystal, experiment.goniometer, np.clip(z, first, end))
     else:
-        z = reflections["xyzobs.px.value"].parts()[2].as_numpy_array()
-        frame = np.clip(np.floor(z).astype(int), 0, len(experiment.imageset) - 1)
-        G = np.empty_like(hkl)
-        for f in np.unique(frame):  # loop over frames, vectorized within
-            sel = frame == f
-            M = setting_matrix(experiment.crystal, experiment.goniometer, experiment.scan, int(f))
-            G[sel] = hkl[sel] @ M.T
-    return excitation_error(G, s0), np.linalg.norm(G, axis=1)
+        a = np.clip(frames.array_index_of_z(z), first, end - 1)
+        M = frames.setting_matrix(experiment.crystal, experiment.goniometer, a + 0.5)
+    return np.einsum("nij,nj->ni", M, hkl)
+
+
+def _profile_sigma_m(experiment) -> float | None:
+    """Mosaicity σ_m in radians from a gaussian_rs profile, else None."""
+    profile = experiment.profile
+    if profile is None or not hasattr(profile, "sigma_m"):
+        return None
+    return float(profile.sigma_m(deg=False))
+
+
+def rotation_bragg_mask(
+    geometry: DetectorGeometry,
+    experiment,
+    array_index: int,
+    shape: BraggShape,
+    n_sigma_m: float,
+    select: np.ndarray | None = None,
+) -> np.ndarray:
+    """True on Bragg pixels (flat) of one rotation frame, from the rotation geometry.
+
+    A lattice point h is recorded on frame a when it crosses the Ewald sphere
+    at an angle φ_h in [φ_start − n·σ_m/|ζ|, φ_end + n·σ_m/|ζ|] (σ_m: the
+    profile model's mosaicity; ζ = ê1·m2, ê1 = ŝ1×ŝ0/|ŝ1×ŝ0|, DIALS's
+    factor, taken at each pixel: DIALS's own foreground φ extent; near the
+    rotation axis a reflection takes many frames to cross), capped at the
+    scan's length, on the pixels within ``shape.radius`` (Å⁻¹, tangential)
+    of its crossing point. The range is swept in steps Δφ small
+    enough that a lattice point moves at most radius/2 per step
+    (Δφ = radius / max|q|); at each step a point counts as crossing when
+    |ε| ≤ |G|·Δφ/2, so each crossing falls in one step. The stills
+    excitation estimate (shape.excitation) is not used.
+    """
+    from diffuse_cli.frames import FrameRef
+
+    frames = FrameRef.from_experiment(experiment)
+    sigma_m = _profile_sigma_m(experiment)
+    if sigma_m is None:
+        raise Sorry("Rotation frames need a gaussian_rs profile model (sigma_m) for the Bragg mask")
+    width = np.deg2rad(abs(frames.width_deg))
+    s0 = np.asarray(geometry.s0, dtype=np.float32)
+    # per-pixel φ half-extent beyond the frame (in frames): n·σ_m/|ζ|
+    e1 = np.cross(geometry.s1, s0)
+    m2 = np.asarray(experiment.goniometer.get_rotation_axis(), dtype=np.float32)
+    zeta = np.abs(e1 @ m2) / np.maximum(np.sqrt(np.einsum("ij,ij->i", e1, e1)), 1e-12)
+    pad_px = np.minimum(n_sigma_m * sigma_m / width / np.maximum(zeta, 1e-6), frames.n_frames)
+    usable = np.ones(geometry.n_pixels, dtype=bool) if select is None else select
+    pad = float(pad_px[usable].max()) if usable.any() else 0.0
+    z0, z1 = array_index - pad, array_index + 1.0 + pad
+    q2 = sum((geometry.s1[:, i] - s0[i]) ** 2 for i in range(3))
+    q_max = float(np.sqrt(max(float(q2.max()), 1e-12)))
+    step = shape.radius / q_max / width  # frames per step
+    n_steps = max(1, int(np.ceil((z1 - z0) / step)))
+    dz = (z1 - z0) / n_steps
+    crossing = BraggShape(0.0, shape.radius, shape.shape, shape.source, shape.n_reflections,
+                          0.5 * dz * width * 1.05)
+    sg = experiment.crystal.get_space_group()
+    out = np.zeros(geometry.n_pixels, dtype=bool)
+    for z in z0 + (np.arange(n_steps) + 0.5) * dz:
+        # frames from this step's φ to frame a, less the step's own half-width
+        beyond = max(array_index - z, z - (array_index + 1.0), 0.0) - 0.5 * dz
+        sel = usable & (pad_px >= beyond) if beyond > 0 else usable
+        if not sel.any():
+            continue
+        M = frames.setting_matrix(experiment.crystal, experiment.goniometer, z)
+        out |= predicted_bragg_mask(geometry, M, sg, crossing, select=sel)
+    return out
 
 
 def _profile_sigma_b(experiment) -> float | None:
@@ -514,9 +559,10 @@ def shoebox_bragg_mask(reflections, geometry: DetectorGeometry, frame: int | Non
     """True on pixels inside shoebox Foreground/Strong masks (flat, Npix).
 
     reflections: rows of one image's experiment with a ``shoebox`` column.
-    frame: for rotation data, the image's array index within the scan; only
-    the z-slice of each shoebox at that frame is projected (a reflection spans
-    its bbox z-range). Stills: every shoebox's single slice.
+    frame: for rotation data, the image's absolute dxtbx array index (the
+    units of bbox z, see :mod:`diffuse_cli.frames`); only the z-slice of each
+    shoebox at that frame is projected (a reflection spans its bbox z-range).
+    Stills: every shoebox's single slice.
     """
     from dials.algorithms.shoebox import MaskCode
 
@@ -582,30 +628,108 @@ def _image_groups(experiments):
     return out
 
 
+def reflections_by_experiment(reflections, experiments, reflection_file: str = "reflections") -> dict:
+    """``{experiment index: its reflections}``, matched by experiment identifier.
+
+    The table's ``experiment_identifiers()`` (id -> identifier) are matched to
+    ``experiment.identifier``, never the table ``id`` to the list position: a
+    ``.refl`` of four stills with the ``.expt`` of one of them selects that
+    still's rows. Reflections of experiments not in the list are left out
+    (logged). Only when neither side carries identifiers are ids taken as list
+    positions, and then the ids must be exactly ``0 .. len(experiments) - 1``.
+    Mismatches are a ``Sorry`` naming ``reflection_file``.
+    """
+    from dials.array_family import flex as dflex
+
+    ids = reflections["id"].as_numpy_array() if "id" in reflections else np.zeros(len(reflections), int)
+    table_ids = dict(reflections.experiment_identifiers())
+    expt_ids = [e.identifier for e in experiments]
+    by_identifier: dict = {}
+    for k, ident in table_ids.items():
+        by_identifier.setdefault(ident, []).append(int(k))
+    if not table_ids and not any(expt_ids):
+        present = sorted(int(i) for i in np.unique(ids) if i >= 0)
+        if present != list(range(len(experiments))):
+            raise Sorry(
+                f"{reflection_file}: no experiment identifiers, and its reflection ids "
+                f"{present[:5]}{'...' if len(present) > 5 else ''} do not number the "
+                f"{len(experiments)} experiment(s) one to one; give the .expt and .refl of the same run"
+            )
+        logger.warning("%s: no experiment identifiers: reflection id i taken as experiment i", reflection_file)
+        ids_of = {i: [i] for i in range(len(experiments))}
+    elif not table_ids or not all(expt_ids):
+        raise Sorry(
+            f"{reflection_file}: experiment identifiers on only one side (reflections "
+            f"{'with' if table_ids else 'without'}, experiments {'with' if all(expt_ids) else 'without'}); "
+            "give the .expt and .refl of the same run"
+        )
+    else:
+        ids_of = {i: by_identifier.get(ident, []) for i, ident in enumerate(expt_ids)}
+        if not any(ids_of.values()):
+            raise Sorry(
+                f"{reflection_file}: its experiment identifiers match none of the "
+                f"{len(experiments)} experiment(s) (e.g. {expt_ids[0]!r}); give the .refl of the same run as the .expt"
+            )
+    out = {}
+    for i, table_id_list in ids_of.items():
+        out[i] = reflections.select(dflex.bool(np.isin(ids, table_id_list)))
+    missing = [expt_ids[i] or str(i) for i, t in out.items() if len(t) == 0]
+    if missing:
+        logger.warning("%s: no reflections for %d experiment(s): %s", reflection_file, len(missing), ", ".join(missing[:5]))
+    n_unused = len(reflections) - sum(len(t) for t in out.values())
+    if n_unused:
+        logger.info("%s: %d reflections of experiments not in the experiment list left out", reflection_file, n_unused)
+    return out
+
+
 def bragg_mask_for_image(refs, experiments, reflections, geometry, params, valid):
-    """True on Bragg pixels of one image, over all its lattices; and per-lattice shapes."""
+    """True on Bragg pixels of one image, over all its lattices; and per-lattice shapes.
+
+    reflections: None, or ``{experiment index: reflection table}`` from
+    :func:`reflections_by_experiment`.
+    """
     from diffuse_cli.geometry import setting_matrix
 
     bragg = np.zeros(geometry.n_pixels, dtype=bool)
     shapes = []
     for ref in refs:
         expt = experiments[ref.experiment_index]
-        refl = None
-        if reflections is not None:
-            refl = reflections.select(reflections["id"] == ref.experiment_index)
+        # reflections: {experiment index: its rows}, matched by identifier
+        refl = None if reflections is None else reflections.get(ref.experiment_index)
         if params.method == "predicted":
             # a sweep's frames share one estimate (from all its reflections)
             cache = _STATE.setdefault("shapes", {})
             shape = cache.get(ref.experiment_index)
             if shape is None:
                 shape = cache[ref.experiment_index] = estimate_bragg_shape(expt, refl, params.predicted)
-            M = setting_matrix(expt.crystal, expt.goniometer, expt.scan, ref.frame)
             sg = expt.crystal.get_space_group()
-            bragg |= predicted_bragg_mask(geometry, M, sg, shape, select=valid)
+            if ref.frame is not None:
+                bragg |= rotation_bragg_mask(geometry, expt, ref.frame, shape,
+                                             params.predicted.n_sigma_m, select=valid)
+            else:
+                M = setting_matrix(expt.crystal, expt.goniometer, expt.scan, ref.frame)
+                bragg |= predicted_bragg_mask(geometry, M, sg, shape, select=valid)
             shapes.append(shape.as_dict(pixel_scale(expt.detector, expt.beam)))
         else:
             bragg |= shoebox_bragg_mask(refl, geometry, ref.frame, tuple(params.shoebox.codes))
     return bragg, shapes
+
+
+def _mask_provenance(refs, key) -> dict:
+    """What one image's total mask depends on (see :mod:`diffuse_cli.provenance`)."""
+    st = _STATE
+    return {
+        "schema": MASK_BITS_SCHEMA,
+        "image": provenance.image_fingerprint(refs[0].image_path, refs[0].file_index),
+        "frame": refs[0].frame,
+        "static_mask": st["static_fingerprint"][key],
+        "lattices": [
+            {"experiment": st["experiment_fingerprint"][r.experiment_index],
+             "reflections": st["reflection_fingerprint"].get(r.experiment_index)}
+            for r in refs
+        ],
+        "params": st["params_fingerprint"],
+    }
 
 
 def _mask_one(job):
@@ -622,7 +746,7 @@ def _mask_one(job):
     from diffuse_cli.extraction import geometry_key
 
     key = geometry_key(expt.detector, expt.beam)
-    geometry = geometry_by_key[key]
+    geometry = geometry_by_key[key].for_beam(expt.beam)  # one geometry per detector; s1 = ŝ1/λ of this shot
     static = st["static"][key]
     path = os.path.join(params.output.directory, f"{name}.mask")
     entry = {
@@ -630,13 +754,18 @@ def _mask_one(job):
         "image_path": refs[0].image_path,
         "image_index": refs[0].file_index,
         "frame": refs[0].frame,
+        "imageset_index": refs[0].image_index,
         "experiments": [r.experiment_index for r in refs],
         "mask": os.path.basename(path),
         "mask_bits": f"{name}_mask_bits.npz",
         "geometry_key": key,
     }
     bits_path = os.path.join(params.output.directory, entry["mask_bits"])
-    if os.path.exists(path) and os.path.exists(bits_path) and not params.output.overwrite:
+    parts = _mask_provenance(refs, key)
+    pkey = provenance.key_of(parts)
+    entry["provenance_key"] = pkey
+    # the packed copy is written last: it holds the key, so it commits the still
+    if provenance.is_current(bits_path, pkey, params.output.overwrite, also=[path]):
         total = read_mask_any(bits_path)
         entry["skipped"] = True
         bragg = None
@@ -655,7 +784,7 @@ def _mask_one(job):
             bragg |= strong
         total = valid & ~bragg
         program.write_pickle(path, to_dials(total, geometry))
-        write_mask_bits(os.path.join(params.output.directory, f"{name}_mask_bits.npz"), total)
+        write_mask_bits(bits_path, total, **provenance.npz_fields(pkey, parts))
         entry["bragg_shape"] = shapes
         entry["bragg_fraction"] = float((bragg & valid).sum() / max(valid.sum(), 1))
     entry["static_fraction_masked"] = float(1 - static.mean())
@@ -663,14 +792,24 @@ def _mask_one(job):
     return entry
 
 
-def run_bragg_mask(experiments, reflections, params) -> list[dict]:
-    """Static mask, dynamic mask and per-image total masks; returns summary entries."""
+def run_bragg_mask(experiments, reflections, params, reflection_file: str = "reflections") -> list[dict]:
+    """Static mask, dynamic mask and per-image total masks; returns summary entries.
+
+    reflections: one table (or None), matched to ``experiments`` by
+    identifier (:func:`reflections_by_experiment`). Resume: a still is redone
+    when its provenance key (image, static mask content, experiment models,
+    reflections, parameters) differs from the one in its ``_mask_bits.npz``.
+    """
     import os
 
     from diffuse_cli import program
     from diffuse_cli.extraction import GeometryCache, geometry_key
 
     nproc = program.resolve_nproc(params.nproc)
+    os.makedirs(params.output.directory, exist_ok=True)
+    provenance.remove_temporaries(params.output.directory)
+    if reflections is not None:
+        reflections = reflections_by_experiment(reflections, experiments, reflection_file)
     cache = GeometryCache(None)
     groups = _image_groups(experiments)
     group_keys = [
@@ -686,7 +825,8 @@ def run_bragg_mask(experiments, reflections, params) -> list[dict]:
         logger.info("Computing pixel geometry for detector/beam %s", key)
         geometry = cache.get(expt.detector, expt.beam)
         geometry_by_key[key] = geometry
-        static = static_mask(expt.imageset, params, geometry, refs[0].image_index)
+        with program.image_errors(expt.imageset, refs[0].image_index):
+            static = static_mask(expt.imageset, params, geometry, refs[0].image_index)
         logger.info("Static mask: %.2f %% of %d pixels masked", 100 * (1 - static.mean()), static.size)
         same = [g for g, k in zip(groups, group_keys) if k == key]
         if params.dynamic.enable and len(same) < params.dynamic.min_images:
@@ -697,16 +837,19 @@ def run_bragg_mask(experiments, reflections, params) -> list[dict]:
             )
         elif params.dynamic.enable:
             pick = np.unique(np.linspace(0, len(same) - 1, min(params.dynamic.n_images, len(same))).round().astype(int))
-            images = (
-                raw_counts(experiments[same[i][1][0].experiment_index].imageset, same[i][1][0].image_index)
-                for i in pick
-            )
+            def images():
+                return (
+                    raw_counts(experiments[same[i][1][0].experiment_index].imageset, same[i][1][0].image_index)
+                    for i in pick
+                )
             dyn, stats = dynamic_mask(
                 images, geometry, static,
                 hot_n_sigma=params.dynamic.hot_n_sigma,
                 hot_min_excess=params.dynamic.hot_min_excess,
                 dead_min_expected=params.dynamic.dead_min_expected,
                 filter_size=params.dynamic.filter_size,
+                hot_fraction=params.dynamic.hot_fraction,
+                min_hot_images=params.dynamic.min_images,
             )
             logger.info("Dynamic mask from %d images: %d hot, %d dead pixels", stats["n_images"], stats["hot"], stats["dead"])
             static &= dyn
@@ -724,21 +867,27 @@ def run_bragg_mask(experiments, reflections, params) -> list[dict]:
     _STATE.update(
         params=params, geometry=geometry_by_key, static=static_by_key,
         experiments=experiments, reflections=reflections,
+        static_fingerprint={k: provenance.array_fingerprint(v) for k, v in static_by_key.items()},
+        experiment_fingerprint=[provenance.experiment_fingerprint(e) for e in experiments],
+        reflection_fingerprint={} if reflections is None else {
+            i: _reflection_fingerprint(t) for i, t in reflections.items()
+        },
+        params_fingerprint=provenance.phil_values(params, ("method", "predicted", "shoebox", "strong_pixels")),
     )
     try:
         entries = program.parallel_map(_mask_one, groups, nproc, desc="bragg_mask")
     finally:
         _STATE.clear()
+    _stale_masks(params.output.directory, [e["mask_bits"] for e in entries], params.output.stale)
 
     # a rerun keeps the figures of the masks it skipped
-    if os.path.exists(params.output.summary):
-        import json
+    from diffuse_cli.formats import summaries
 
-        with open(params.output.summary) as fh:
-            previous = {e["name"]: e for e in json.load(fh).get("stills", [])}
+    previous = summaries.previous_stills(params.output.summary, summaries.BRAGG_MASK_SUMMARY_SCHEMA)
+    if previous:
         for e in entries:
             old = previous.get(e["name"])
-            if e.get("skipped") and old is not None:
+            if e.get("skipped") and old is not None and old.get("provenance_key") == e["provenance_key"]:
                 for k in ("bragg_shape", "bragg_fraction", "strong_only_fraction"):
                     if k in old:
                         e[k] = old[k]
@@ -747,17 +896,40 @@ def run_bragg_mask(experiments, reflections, params) -> list[dict]:
         bf = e.get("bragg_fraction")
         bf = "n/a" if bf is None else f"{100 * bf:.2f}"
         logger.info("%-32s %10s %10.2f%s", e["name"], bf, 100 * e["total_fraction_masked"], " (kept)" if e.get("skipped") else "")
-    summary = {
-        "schema": "diffuse.bragg_mask/1",
-        "method": params.method,
-        "static_masks": static_files,
-        "stills": entries,
-    }
-    program.write_json(params.output.summary, summary)
+    summaries.write_summary(params.output.summary, summaries.BRAGG_MASK_SUMMARY_SCHEMA, entries,
+                            method=params.method, static_masks=static_files)
     logger.info("Wrote %s", params.output.summary)
     if params.output.png.still is not None:
         write_png(entries, experiments, geometry_by_key, static_by_key, params)
     return entries
+
+
+def _reflection_fingerprint(table) -> str:
+    """Fingerprint of the reflection columns a Bragg mask uses (one experiment's rows)."""
+    cols = []
+    for name in ("miller_index", "panel", "xyzobs.px.value", "bbox", "intensity.sum.value", "intensity.sum.variance", "flags"):
+        if name in table:
+            col = table[name]
+            cols.append(np.array(col.as_numpy_array() if hasattr(col, "as_numpy_array") else list(col)))
+    if "shoebox" in table and len(table):
+        # shoebox masks: the foreground/strong codes change with integration
+        cols.append(np.concatenate([sb.mask.as_numpy_array().ravel() for sb in table["shoebox"]]))
+    return provenance.array_fingerprint(*cols) if cols else "empty"
+
+
+def _stale_masks(directory: str, current_bits: list[str], action: str) -> list[str]:
+    """Masks (``<name>_mask_bits.npz`` + ``<name>.mask``) of images no longer among the inputs."""
+    import glob
+    import os
+
+    ours = [
+        p for p in glob.glob(os.path.join(glob.escape(directory), "*_mask_bits.npz"))
+        if provenance.stored_key(p) is not None  # written by this rule, not a user's file
+    ]
+    keep = [os.path.join(directory, b) for b in current_bits]
+    stale_bits = [p for p in ours if os.path.abspath(p) not in {os.path.abspath(k) for k in keep}]
+    pickles = [p[: -len("_mask_bits.npz")] + ".mask" for p in stale_bits]
+    return provenance.stale_outputs(stale_bits + [p for p in pickles if os.path.isfile(p)], [], action)
 
 
 def write_png(entries, experiments, geometry_by_key, static_by_key, params) -> str:
@@ -777,7 +949,7 @@ def write_png(entries, experiments, geometry_by_key, static_by_key, params) -> s
     e = entries[i]
     expt = experiments[e["experiments"][0]]
     geometry = geometry_by_key[e["geometry_key"]]
-    counts = raw_counts(expt.imageset, 0 if e["frame"] is None else e["frame"]).astype(np.float64)
+    counts = raw_counts(expt.imageset, e.get("imageset_index", 0)).astype(np.float64)
     total = read_mask(os.path.join(params.output.directory, e["mask"]))
     static = static_by_key[e["geometry_key"]]
     valid = static & trusted_mask(expt.detector, counts, geometry)

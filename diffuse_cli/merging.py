@@ -28,8 +28,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from diffuse_cli.grid import HKLGrid
-from diffuse_cli.scaling import FitResult, ScaleModel, fit_scale, normalisation
-from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map, reciprocal_metric
+from diffuse_cli.scaling import (FitResult, ScaleModel, ScalingTerms, fit_scale, model_variance,
+                                 normalisation)
+from diffuse_cli.symmetry import LaueSymmetry, b_matrix, grid_asu_map, reciprocal_metric
 
 logger = logging.getLogger("diffuse.merging")
 
@@ -217,10 +218,13 @@ class Accumulator:
         comm.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
         self.n_added = comm.allreduce(self.n_added, op=MPI.SUM)
 
-    def merge(self, lut: np.ndarray, factor: float = 1.0) -> "MergedMap":
+    def merge(self, lut: np.ndarray, factor: float = 1.0, hand: np.ndarray | None = None) -> "MergedMap":
         """Fold the P1 sums onto the ASU (lut from grid_asu_map) and merge.
 
         factor multiplies the merged I and σ (overall scale normalisation).
+        hand: from ``grid_asu_map(..., return_hand=True)``; then the Friedel
+        means (h's side and −h's side of each orbit, merged separately in the
+        point group without inversion) are kept for statistics too.
         """
         n = self.grid.n_voxels
         # only voxels that received observations contribute
@@ -241,9 +245,20 @@ class Accumulator:
             swi += b
             sw2s2 += np.bincount(dest, self.sw2s2[h][touched], minlength=n)
             del a, b
+        friedel_I = []
+        if hand is not None:
+            hand_t = hand[touched]
+            sw_t = self.sw.sum(axis=0)[touched]
+            swi_t = self.swi.sum(axis=0)[touched]
+            for side in (1, -1):
+                sel = hand_t == side
+                a = np.bincount(dest[sel], sw_t[sel], minlength=n)
+                b = np.bincount(dest[sel], swi_t[sel], minlength=n)
+                friedel_I.append(_mean(a, b, None, factor)[0].astype(np.float32))
+            del hand_t, sw_t, swi_t
         del dest, touched
         I, sig = _mean(sw, swi, sw2s2, factor)
-        return MergedMap(self.grid, lut, I, sig, cnt, half_I)
+        return MergedMap(self.grid, lut, I, sig, cnt, half_I, friedel_I)
 
 
 def _mean(sw, swi, sw2s2, factor):
@@ -263,6 +278,7 @@ class MergedMap:
     ``I``, ``sigma``, ``counts`` are defined at ASU-representative voxels;
     :meth:`expand` fills every grid voxel from its representative.
     ``half_I``: list of the half-dataset means (same layout as ``I``, float32).
+    ``friedel_I``: [h's side, −h's side] means, or [] (see Accumulator.merge).
     """
 
     grid: HKLGrid
@@ -271,6 +287,7 @@ class MergedMap:
     sigma: np.ndarray
     counts: np.ndarray
     half_I: list = field(default_factory=list)
+    friedel_I: list = field(default_factory=list)
 
     def asu_voxels(self) -> np.ndarray:
         """Flat indices of ASU-representative voxels inside the resolution range."""
@@ -357,10 +374,13 @@ def map_agreement(reference: np.ndarray, I: np.ndarray, counts: np.ndarray,
 def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
                      d_min: float | None = None, d_max: float | None = None,
                      n_iso_bins: int = 100) -> dict:
-    """Per-shell table: completeness, multiplicity, ⟨I⟩, ⟨I/σ⟩, CC½ (total, anisotropic).
+    """Per-shell table: completeness, multiplicity, ⟨I⟩, ⟨I/σ⟩, CC½ (total, anisotropic), Friedel CC.
 
     Shells are equal-volume in d*; the voxel population is the ASU voxels
     inside the resolution range. CC½ uses voxels measured in both halves.
+    The Friedel CC correlates, over acentric voxels measured on both sides,
+    I merged from h's side of each orbit with I from −h's side (present
+    when the map was merged with ``hand``).
     The anisotropic CC½ first subtracts from each half its isotropic mean,
     taken in ``n_iso_bins`` narrow d* bins (much finer than the shells, so
     the radial fall-off inside a shell is removed too), then correlates.
@@ -383,6 +403,11 @@ def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
         both = np.isfinite(h1) & np.isfinite(h2)
         a1 = anisotropic_part(h1, fine, n_iso_bins, both)
         a2 = anisotropic_part(h2, fine, n_iso_bins, both)
+    have_friedel = len(merged.friedel_I) == 2
+    if have_friedel:
+        fp = merged.friedel_I[0][vox]
+        fm = merged.friedel_I[1][vox]
+        pair = np.isfinite(fp) & np.isfinite(fm)
 
     def row(sel, d_lo, d_hi):
         m = sel & measured
@@ -401,6 +426,10 @@ def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
             r["n_cc"] = int(sb.sum())
             r["cc_half"] = _cc(h1[sb], h2[sb])
             r["cc_half_aniso"] = _cc(a1[sb], a2[sb])
+        if have_friedel:
+            sp = sel & pair
+            r["n_friedel"] = int(sp.sum())
+            r["cc_friedel"] = _cc(fp[sp], fm[sp])
         return r
 
     rows = [row(shell == s, edges[s], edges[s + 1]) for s in range(n_shells)]
@@ -410,14 +439,15 @@ def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
 
 def format_statistics(stats: dict) -> str:
     head = (f"{'d_max':>7} {'d_min':>6} {'voxels':>9} {'compl':>6} {'mult':>6} "
-            f"{'<I>':>10} {'<I/sig>':>8} {'CC1/2':>6} {'CC1/2an':>7}")
+            f"{'<I>':>10} {'<I/sig>':>8} {'CC1/2':>6} {'CC1/2an':>7} {'CCfried':>7}")
     lines = [head]
 
     def fmt(r, label=None):
         dmax = "inf" if not np.isfinite(r["d_max"]) else f"{r['d_max']:.2f}"
         return (f"{dmax:>7} {r['d_min']:>6.2f} {r['n_voxels']:>9d} {r['completeness']:>6.3f} "
                 f"{r['multiplicity']:>6.1f} {r['mean_I']:>10.4g} {r['mean_I_over_sigma']:>8.2f} "
-                f"{r.get('cc_half', np.nan):>6.3f} {r.get('cc_half_aniso', np.nan):>7.3f}")
+                f"{r.get('cc_half', np.nan):>6.3f} {r.get('cc_half_aniso', np.nan):>7.3f} "
+                f"{r.get('cc_friedel', np.nan):>7.3f}")
 
     for r in stats["shells"]:
         lines.append(fmt(r))
@@ -484,14 +514,35 @@ class MergeResult:
     converged: bool
     history: list  # max relative scale change per iteration
     n_observations: int
+    terms: ScalingTerms | None = None  # the richer model's refined terms (scaling.model=full)
 
 
-def half_assignment(n_stills: int, seed: int = 0) -> np.ndarray:
-    """Random halves of equal size (±1) by still, reproducible from the seed."""
+def _asu_maps(grid, laue, unit_cell, d_min, d_max, lut=None, friedel: bool = True):
+    """(lut, hand): the ASU map of the grid (the caller's ``lut`` when given) and,
+    with ``friedel``, each voxel's Bijvoet side (``grid_asu_map(return_hand=True)``)."""
+    if not friedel:
+        return (grid_asu_map(grid, laue, unit_cell, d_min=d_min, d_max=d_max) if lut is None else lut), None
+    computed, hand = grid_asu_map(grid, laue, unit_cell, d_min=d_min, d_max=d_max, return_hand=True)
+    return (computed if lut is None else lut), hand
+
+
+def half_assignment(n_stills: int, seed: int = 0, blocks=None) -> np.ndarray:
+    """Random halves (0/1) by still, reproducible from the seed.
+
+    blocks: optional (n_stills,) block label per still; whole blocks are
+    assigned to a half (equal numbers of blocks), so that neighbouring frames
+    of a sweep, which share pixels and systematic errors, never end up in
+    different halves. None: every still is its own block.
+    """
     rng = np.random.default_rng(seed)
-    half = np.zeros(n_stills, dtype=np.int64)
-    half[rng.permutation(n_stills)[: n_stills // 2]] = 1
-    return half
+    if blocks is None:
+        half = np.zeros(n_stills, dtype=np.int64)
+        half[rng.permutation(n_stills)[: n_stills // 2]] = 1
+        return half
+    labels, block_of = np.unique(np.asarray(blocks), return_inverse=True)
+    block_half = np.zeros(len(labels), dtype=np.int64)
+    block_half[rng.permutation(len(labels))[: len(labels) // 2]] = 1
+    return block_half[block_of]
 
 
 def _valid_obs(hkl, I, sig, variance_per_intensity=None):
@@ -500,25 +551,6 @@ def _valid_obs(hkl, I, sig, variance_per_intensity=None):
     if variance_per_intensity is None:
         return ok & (sig > 0)
     return ok & (sig >= 0) & (variance_per_intensity > 0)
-
-
-def model_variance(intensity, sigma, variance_per_intensity, expected):
-    """Poisson variance of corrected intensities from their EXPECTED value.
-
-    Weights from each observation's own counts (σ² ∝ counts) favour the
-    pixels that fluctuated low and bias weighted means (and scales) low by
-    about 1/counts; pixels with zero counts get infinite weight. The model
-    variance is ``v1·E[I] + v0``, where ``v1`` (``variance_per_intensity``)
-    is the variance added per unit corrected intensity and ``v0 = σ² − v1·I``
-    the part from background subtraction, which does not depend on the counts.
-    ``expected`` is floored at 1e-3 of its median so that no weight is infinite.
-    """
-    v1 = np.asarray(variance_per_intensity, dtype=np.float64)
-    v0 = np.maximum(np.asarray(sigma, dtype=np.float64) ** 2 - v1 * intensity, 0.0)
-    e = np.asarray(expected, dtype=np.float64)
-    pos = e[e > 0]
-    floor = 1e-3 * float(np.median(pos)) if pos.size else 1e-12
-    return v1 * np.maximum(e, floor) + v0
 
 
 def _expected_intensity(grid, reference, hkl, I, scale_g):
@@ -548,6 +580,8 @@ def scale_and_merge(
     tolerance: float = 1e-3,
     reindex: Sequence | None = None,
     half_seed: int = 0,
+    half_blocks=None,
+    friedel: bool = True,
     fit_max_obs: int = 200_000,
     min_reference_counts: int = 2,
     comm=None,
@@ -556,6 +590,7 @@ def scale_and_merge(
     chunk: int = 4_000_000,
     use_numba: bool | None = None,
     progress: Callable | None = None,
+    neighbours=None,
 ) -> MergeResult:
     """Merge stills (optionally with per-still scales refined to convergence).
 
@@ -565,22 +600,40 @@ def scale_and_merge(
     any still's scale is below ``tolerance`` or ``max_iterations`` passes.
     Scales are normalised to a geometric mean of 1 after each pass.
 
+    half_blocks: block label per still for the CC½ halves (see
+    :func:`half_assignment`). friedel: also merge h's and −h's sides apart
+    for the Friedel CC (MergedMap.friedel_I).
+
     reindex: per still, None or an integer (3,3) operator applied as hkl @ M
     (indexing-ambiguity resolution). reject_sigma: in scaling passes, an
     observation whose residual (I/g − I_ref)/(σ/g) exceeds this many robust
     standard deviations of its still's residuals is left out of the merge
     (None: keep everything). Under MPI (``comm``), rank r handles
     stills r, r+size, ...; sums and scales are reduced across ranks.
+
+    model: a :class:`ScaleModel` (g only), or :class:`ScalingTerms` with
+    absorption, detector and offset terms (see :func:`_scale_and_merge_terms`);
+    neighbours (n_stills, 2): previous/next still of the same sweep, −1 for
+    none (ScalingTerms.neighbour_prior).
     """
+    if isinstance(model, ScalingTerms):
+        if model.any_extra and scale:
+            return _scale_and_merge_terms(
+                source, grid, laue, unit_cell, model, d_min=d_min, d_max=d_max,
+                max_iterations=max_iterations, tolerance=tolerance, reindex=reindex,
+                half_seed=half_seed, half_blocks=half_blocks, friedel=friedel,
+                fit_max_obs=fit_max_obs, min_reference_counts=min_reference_counts, comm=comm,
+                lut=lut, reject_sigma=reject_sigma, chunk=chunk, use_numba=use_numba,
+                progress=progress, neighbours=neighbours)
+        model = model.base
     n_stills = len(source)
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     mine = list(range(rank, n_stills, size))
-    if lut is None:
-        lut = grid_asu_map(grid, laue, unit_cell, d_min=d_min, d_max=d_max)
+    lut, hand = _asu_maps(grid, laue, unit_cell, d_min, d_max, lut, friedel)
     if model is None:
         model = ScaleModel(1, d_star_sq_max=(1.0 / d_min**2) if d_min else 1.0)
     gstar = reciprocal_metric(unit_cell)
-    half = half_assignment(n_stills, half_seed)
+    half = half_assignment(n_stills, half_seed, half_blocks)
     params = np.ones((n_stills, model.n_control_points))
     fits: list = [None] * n_stills
     reference = None
@@ -647,7 +700,7 @@ def scale_and_merge(
         new = new / c
         change = float(np.max(np.abs(new / params - 1.0))) if reference is not None else np.inf
         params = new
-        merged = acc.merge(lut, factor=c)
+        merged = acc.merge(lut, factor=c, hand=hand)
         n_obs = acc.n_added
         iterations = it
         del acc
@@ -659,6 +712,167 @@ def scale_and_merge(
                 break
         reference = merged
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
+
+
+def _scale_and_merge_terms(source, grid, laue, unit_cell, terms: ScalingTerms, d_min=None, d_max=None,
+                           max_iterations=10, tolerance=1e-3, reindex=None, half_seed=0,
+                           half_blocks=None, friedel=True, fit_max_obs=200_000,
+                           min_reference_counts=2, comm=None, lut=None, reject_sigma=6.0,
+                           chunk=4_000_000, use_numba=None, progress=None,
+                           neighbours=None) -> MergeResult:
+    """scale_and_merge with the richer model a·d·g·(I_ref + c) (:class:`ScalingTerms`).
+
+    Pass 0 merges unscaled and records the range of ŝ1 and the panels. Each
+    further pass, per still: fit (g, a, c) against the previous map with the
+    current d, add its detector normal equations, accumulate the still
+    scaled, I → I/(a·d·g) − c, σ → σ/(a·d·g). After the pass: solve d,
+    impose the constraints (ScalingTerms.end_pass) and correct the map for
+    the overall factor and the mean offset. Stops when no term changes by
+    more than ``tolerance`` (relative; c relative to the median merged I).
+    """
+    n_stills = len(source)
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    mine = list(range(rank, n_stills, size))
+    lut, hand = _asu_maps(grid, laue, unit_cell, d_min, d_max, lut, friedel)
+    gstar = reciprocal_metric(unit_cell)
+    half = half_assignment(n_stills, half_seed, half_blocks)
+    terms.start(n_stills, neighbours)
+    fits: list = [None] * n_stills
+    reference = None
+    history = []
+    converged = False
+    merged = None
+    n_obs = 0
+    iterations = 0
+    for it in range(max_iterations + 1):
+        acc = Accumulator(grid, 2, use_numba=use_numba)
+        new_g = np.zeros_like(terms.g)
+        new_a = np.zeros_like(terms.alpha)
+        new_c = np.zeros_like(terms.kappa)
+        ok = np.zeros(n_stills)
+        iterator = progress(mine, desc=f"pass {it}") if progress else mine
+        for i in iterator:
+            obs = source.load(i)
+            hkl, I, sig = obs["hkl"], np.asarray(obs["I"]), np.asarray(obs["sigma"])
+            v1 = obs.get("variance_per_intensity")
+            if reindex is not None and reindex[i] is not None:
+                hkl = np.asarray(hkl) @ np.asarray(reindex[i]).astype(np.asarray(hkl).dtype)
+            if reference is None:
+                terms.observe(obs)
+                factor, offset = 1.0, 0.0
+                ok[i] = 1
+            else:
+                h = np.asarray(hkl, dtype=np.float64)
+                dss = np.einsum("ni,ij,nj->n", h, gstar, h)
+                co = terms.coordinates(obs, dss)
+                fits[i] = _fit_still_terms(terms, i, grid, reference, hkl, I, sig, co, fit_max_obs,
+                                           min_reference_counts, seed=i, variance_per_intensity=v1)
+                if fits[i].ok:
+                    new_g[i], new_a[i], new_c[i] = fits[i].params, fits[i].absorption, fits[i].offset
+                    ok[i] = 1
+                    m, offset = terms.evaluate(i, co, new_g[i], new_a[i], new_c[i])
+                else:
+                    m, offset = terms.evaluate(i, co)
+                factor = 1.0 / m
+            if reference is None:
+                new_g[i], new_a[i], new_c[i] = terms.g[i], terms.alpha[i], terms.kappa[i]
+            # the offset is in merged units: (I − c·m)/m = I/m − c
+            I_adj = np.asarray(I, dtype=np.float64) - np.asarray(offset) / np.asarray(factor)
+            weight = None
+            model_sigma = sig
+            if v1 is not None:
+                I_f = np.asarray(I, dtype=np.float64)
+                expected = _expected_intensity(grid, reference, hkl, I_f, 1.0 / np.asarray(factor))
+                if reference is not None:
+                    expected = expected + np.asarray(offset) / np.asarray(factor)
+                var = model_variance(I_f, sig, v1, expected)
+                weight = 1.0 / (np.asarray(factor) ** 2 * var)
+                model_sigma = np.sqrt(var)
+            if reference is not None and reject_sigma and fits[i] is not None and fits[i].ok:
+                bad = _outliers(grid, reference, hkl, I_adj, model_sigma, factor,
+                                reject_sigma * fits[i].residual_scale)
+                if weight is None:
+                    sig = np.where(bad, 0.0, sig)
+                else:
+                    weight = np.where(bad, 0.0, weight)
+            acc.add(hkl, I_adj, sig if weight is None else model_sigma, factor,
+                    half=int(half[i]), chunk=chunk, weight=weight)
+        acc.reduce(comm)
+        if comm is not None and size > 1:
+            from mpi4py import MPI
+
+            for arr in (new_g, new_a, new_c, ok):
+                comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+            fits = _gather_fits(comm, fits, mine, n_stills)
+        n_obs = acc.n_added
+        iterations = it
+        if reference is None:
+            terms.finish_setup(comm)
+            merged = acc.merge(lut, factor=1.0, hand=hand)
+            reference = merged
+            del acc
+            continue
+        typical = float(np.nanmedian(np.abs(reference.I[reference.counts > 0]))) if np.any(reference.counts > 0) else 0.0
+        step = terms.end_pass(new_g, new_a, new_c, ok > 0, comm=comm, typical=typical)
+        merged = acc.merge(lut, factor=step["factor"], hand=hand)
+        del acc
+        _adjust_map(merged, unit_cell, terms, step["ring_factor"], step["offset_shift"])
+        history.append(step["change"])
+        logger.info("scaling pass %d: max relative change %.2e", it, step["change"])
+        if step["change"] < tolerance:
+            converged = True
+            break
+        reference = merged
+    return MergeResult(merged, terms.g.copy(), fits, half, iterations, converged, history, n_obs, terms)
+
+
+def _adjust_map(merged: MergedMap, unit_cell, terms: ScalingTerms, ring_factor, offset_nodes) -> None:
+    """The map's share of the gauge moves (in place): I → ρ(d*)·I + c̄(d*).
+
+    ρ: the radial static absorption at the ring centres (None: 1), c̄: the
+    mean offset, node values ``offset_nodes`` (see ScalingTerms.end_pass).
+    """
+    has_ring = ring_factor is not None and np.any(np.isfinite(ring_factor))
+    has_shift = terms.n_c > 0 and np.any(offset_nodes)
+    if not (has_ring or has_shift):
+        return
+    vox = np.flatnonzero(np.isfinite(merged.I))
+    ds = voxel_d_star(merged.grid, vox, unit_cell)
+    mul = np.ones(len(vox))
+    if has_ring:
+        have = np.isfinite(ring_factor)
+        mul = np.exp(np.interp(ds, terms.ring_centres()[have], np.log(ring_factor[have])))
+    add = terms.offset_at(offset_nodes, ds) if has_shift else np.zeros(len(vox))
+    merged.I[vox] = merged.I[vox] * mul + add
+    merged.sigma[vox] = merged.sigma[vox] * mul
+    for arr in list(merged.half_I) + list(merged.friedel_I):
+        fin = np.isfinite(arr[vox])
+        arr[vox[fin]] = (arr[vox[fin]] * mul[fin] + add[fin]).astype(arr.dtype)
+
+
+def _fit_still_terms(terms, i, grid, reference: MergedMap, hkl, I, sig, co, fit_max_obs, min_counts,
+                     seed, variance_per_intensity=None) -> FitResult:
+    """Subset of still i's observations with a reference value, then ScalingTerms.fit_still."""
+    hkl = np.asarray(hkl)
+    I = np.asarray(I, dtype=np.float64)
+    sig = np.asarray(sig, dtype=np.float64)
+    v1 = variance_per_intensity
+    sel = np.flatnonzero(_valid_obs(hkl, I, sig, v1))
+    if len(sel) > fit_max_obs:
+        sel = np.sort(np.random.default_rng(seed).choice(sel, fit_max_obs, replace=False))
+    flat, inside = voxel_flat(grid, hkl[sel])
+    sel, flat = sel[inside], flat[inside]
+    rep = reference.lut[flat]
+    good = rep >= 0
+    rep = np.where(good, rep, 0)
+    good &= reference.counts[rep] >= min_counts
+    sel, rep = sel[good], rep[good]
+    ref = reference.I[rep]
+    good = np.isfinite(ref)
+    sel, ref = sel[good], ref[good]
+    sub = {k: v[sel] for k, v in co.items()}
+    return terms.fit_still(i, I[sel], sig[sel], ref, sub,
+                           variance_per_intensity=None if v1 is None else np.asarray(v1)[sel])
 
 
 def _outliers(grid, reference, hkl, I, sig, factor, limit) -> np.ndarray:
@@ -706,3 +920,254 @@ def _gather_fits(comm, fits, mine, n_stills):
         for i, f in part:
             out[i] = f
     return out
+
+
+# ---------------------------------------------------------------- input consistency
+#
+# diffuse.merge accepts a corrected still only if it belongs to the experiment
+# list: matched by experiment identifier and image (path, index in the file),
+# never by list position, with the setting matrix the still was extracted with
+# equal to the experiment's, and a cell compatible with the reference crystal's.
+
+
+@dataclass
+class StillIdentity:
+    """Where a corrected still comes from (read from its file and the extract it refers to)."""
+
+    path: str
+    identifier: str  # "" for files written before identifiers were recorded
+    image_path: str
+    image_index: int
+    frame: int  # -1 for stills
+    A: np.ndarray | None  # (3, 3) setting matrix it was extracted with; None if unknown
+    experiment_index: int = -1  # used only for experiment lists without identifiers and images
+
+
+def still_identity(path: str) -> StillIdentity | None:
+    """Identity of a ``diffuse.correct/*`` still; None for files without provenance
+    (``diffuse.observations/1``, which carry hkl directly)."""
+    from diffuse_cli.formats import corrected, extract
+
+    if corrected.schema_of(path) != corrected.CORRECT_SCHEMA:
+        return None
+    z = corrected.read_corrected(path, fields=("image_path", "image_index", "frame", "experiment_index",
+                                               "extract_file", "extract_file_absolute", "extract_fingerprint"))
+    image_path = str(z["image_path"]) if "image_path" in z else ""
+    image_index = int(z["image_index"]) if "image_index" in z else -1
+    frame = int(z["frame"]) if "frame" in z else -1
+    experiment_index = int(z["experiment_index"]) if "experiment_index" in z else -1
+    ex = extract.read_extract_arrays(corrected.extract_path(path, z, check=False),
+                                     fields=("experiment_identifier", "A"))
+    identifier = str(ex["experiment_identifier"]) if "experiment_identifier" in ex else ""
+    A = np.asarray(ex["A"], dtype=np.float64).reshape(3, 3)
+    return StillIdentity(path, identifier, image_path, image_index, frame, A, experiment_index)
+
+
+def cell_of(A: np.ndarray) -> np.ndarray:
+    """Unit cell (a, b, c in Å; α, β, γ in degrees) of setting matrices A ((3, 3) or (n, 3, 3)), q = A·hkl."""
+    A = np.asarray(A, dtype=np.float64)
+    G = np.linalg.inv(np.swapaxes(A, -1, -2) @ A)  # direct metric from the reciprocal one
+    abc = np.sqrt(np.stack([G[..., 0, 0], G[..., 1, 1], G[..., 2, 2]], axis=-1))
+    cos = np.stack([G[..., 1, 2] / (abc[..., 1] * abc[..., 2]),
+                    G[..., 0, 2] / (abc[..., 0] * abc[..., 2]),
+                    G[..., 0, 1] / (abc[..., 0] * abc[..., 1])], axis=-1)
+    return np.concatenate([abc, np.degrees(np.arccos(np.clip(cos, -1, 1)))], axis=-1)
+
+
+def cell_deviation(cell, reference) -> tuple[np.ndarray, np.ndarray]:
+    """Largest relative length difference and largest angle difference (degrees)."""
+    cell = np.asarray(cell, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    rel = np.max(np.abs(cell[..., :3] / reference[:3] - 1.0), axis=-1)
+    ang = np.max(np.abs(cell[..., 3:] - reference[3:]), axis=-1)
+    return rel, ang
+
+
+def _unimodular_candidates() -> np.ndarray:
+    """Integer matrices with entries in {-1, 0, 1} and determinant ±1, identity first."""
+    import itertools
+
+    m = np.array(list(itertools.product((-1, 0, 1), repeat=9)), dtype=np.int64).reshape(-1, 3, 3)
+    m = m[np.abs(np.rint(np.linalg.det(m))) == 1]
+    order = np.argsort(np.abs(m - np.eye(3, dtype=np.int64)).sum(axis=(1, 2)), kind="stable")
+    return m[order]
+
+
+def change_of_basis_onto(A: np.ndarray, reference_cell, length_tolerance: float,
+                         angle_tolerance: float) -> np.ndarray | None:
+    """Integer M (h' = h @ M) that puts A's lattice onto the reference cell, or None.
+
+    The reindexed setting matrix is A' = A·(M⁻¹)ᵀ; M is the simplest (closest
+    to the identity, proper rotations first) whose cell(A') is within
+    ``length_tolerance`` (relative) and ``angle_tolerance`` (degrees) of
+    ``reference_cell``. The identity comes first, so a cell that matches as
+    it is keeps its indexing.
+    """
+    M = _unimodular_candidates()
+    A_new = np.asarray(A, dtype=np.float64) @ np.swapaxes(np.linalg.inv(M), -1, -2)
+    rel, ang = cell_deviation(cell_of(A_new), reference_cell)
+    ok = (rel <= length_tolerance) & (ang <= angle_tolerance)
+    if not ok.any():
+        return None
+    proper = np.rint(np.linalg.det(M)) > 0
+    pick = np.flatnonzero(ok & proper)
+    return M[(pick if pick.size else np.flatnonzero(ok))[0]]
+
+
+def _fmt_cell(cell) -> str:
+    return "(" + ", ".join(f"{x:.2f}" for x in cell) + ")"
+
+
+def check_stills(experiments, files, groups=None, expt_files=None, length_tolerance: float = 0.02,
+                 angle_tolerance: float = 2.0, allow_multiple_crystals: bool = False) -> dict:
+    """Match corrected stills to experiments and check their cells; Sorry on any mismatch.
+
+    experiments: the ExperimentList; groups: per experiment, the index of
+    the experiment-list file (crystal) it came from (default: one crystal);
+    expt_files: those files' names (for messages). Per still:
+
+    * it must be in the experiment list: same experiment identifier and same
+      image (real path and index in the file), or the same image when the
+      still carries no identifier. Never matched by list position;
+    * (stills) the setting matrix it was extracted with must equal the
+      experiment's (relative difference ≤ 1e-6): otherwise it was extracted
+      with other models and is stale;
+    * its cell (from A) must be within ``length_tolerance`` (relative) and
+      ``angle_tolerance`` (degrees) of its crystal's cell, the
+      parameter-wise median of that crystal's matched stills.
+
+    Stills of a second experiment-list file are another crystal: refused
+    unless ``allow_multiple_crystals``; then that crystal's cell must match the
+    reference crystal's (the first file) within the same tolerance, directly
+    or after an integer change of basis, and its stills are reindexed by it.
+
+    Returns {"experiment_index": [...], "reindex": [M or None per file],
+    "crystal": [...], "reference_cell": (6,)}; files without provenance
+    (``diffuse.observations/1``) are passed through with experiment index None.
+    """
+    import os
+
+    from libtbx.utils import Sorry
+
+    groups = [0] * len(experiments) if groups is None else list(groups)
+    expt_files = expt_files or ["the experiments"]
+    by_identifier: dict = {}
+    by_image: dict = {}
+    for i, e in enumerate(experiments):
+        if e.identifier:
+            by_identifier.setdefault(e.identifier, []).append(i)
+        iset = e.imageset
+        if iset is None:
+            continue
+        for j in range(len(iset)):
+            try:
+                index = int(iset.indices()[j])
+            except (AttributeError, IndexError):
+                index = j
+            by_image.setdefault((os.path.realpath(iset.get_path(j)), index), []).append(i)
+
+    # models-only experiment lists (no identifiers, no images) leave nothing but
+    # the list position; the setting-matrix check below still guards them
+    models_only = not by_identifier and not by_image
+    if models_only:
+        logger.warning("The experiments carry neither identifiers nor images: stills matched by "
+                       "experiment index, checked by their setting matrices")
+    matched, identities = [], []
+    for f in files:
+        ident = still_identity(f)
+        identities.append(ident)
+        if ident is None:
+            matched.append(None)
+            continue
+        on_image = by_image.get((os.path.realpath(ident.image_path), ident.image_index), [])
+        if models_only:
+            i = ident.experiment_index
+            if not 0 <= i < len(experiments):
+                raise Sorry(f"{f}: experiment_index {i}, but the experiments hold {len(experiments)}")
+            same = [i]
+        elif ident.identifier:
+            same = [i for i in by_identifier.get(ident.identifier, []) if i in on_image]
+            if not same:
+                where = ("with that identifier, but of another image" if ident.identifier in by_identifier
+                         else "with that identifier")
+                raise Sorry(
+                    f"{f}: still of experiment {ident.identifier!r} ({ident.image_path}) is not in the experiment "
+                    f"list ({', '.join(expt_files)}: none {where}); give the .expt it was processed with"
+                )
+        else:
+            same = on_image
+            if not same:
+                raise Sorry(f"{f}: its image {ident.image_path} is not in the experiment list ({', '.join(expt_files)})")
+        if len(same) > 1 and ident.A is not None:
+            # several lattices on one image: the one whose A it was extracted with
+            same = [i for i in same if _same_A(experiments[i], ident)] or same
+        i = same[0]
+        if ident.frame < 0 and not _same_A(experiments[i], ident):
+            raise Sorry(
+                f"{f}: extracted with another crystal model than experiment {experiments[i].identifier or i} of "
+                f"{expt_files[groups[i]]}; run diffuse.extract and diffuse.correct again with this .expt"
+            )
+        matched.append(i)
+
+    # cells per crystal (experiment-list file)
+    n_files = len(files)
+    crystal = [None if m is None else groups[m] for m in matched]
+    present = sorted({c for c in crystal if c is not None})
+    reindex: list = [None] * n_files
+    reference_cell = None
+    if present:
+        if len(present) > 1 and not allow_multiple_crystals:
+            other = next(k for k, c in enumerate(crystal) if c is not None and c != present[0])
+            raise Sorry(
+                f"{files[other]}: still of another crystal ({expt_files[present[1]]}, besides "
+                f"{expt_files[present[0]]}); set merging.allow_multiple_crystals=True to merge several crystals"
+            )
+        cells = {k: cell_of(identities[k].A) for k in range(n_files) if crystal[k] is not None}
+        crystal_cell = {c: np.median([cells[k] for k in cells if crystal[k] == c], axis=0) for c in present}
+        reference_cell = crystal_cell[present[0]]
+        ops = {present[0]: None}
+        for c in present[1:]:
+            # the crystal's change of basis, found on its median cell (B has that metric)
+            M = change_of_basis_onto(b_matrix(crystal_cell[c]), reference_cell, length_tolerance, angle_tolerance)
+            if M is None:
+                raise Sorry(
+                    f"{expt_files[c]}: crystal cell {_fmt_cell(crystal_cell[c])} is incompatible with the reference "
+                    f"{_fmt_cell(reference_cell)} from {expt_files[present[0]]} (tolerance "
+                    f"merging.cell_tolerance: {100 * length_tolerance:g} % on lengths, {angle_tolerance:g}° on angles), "
+                    "even after a change of basis"
+                )
+            ops[c] = None if np.array_equal(M, np.eye(3)) else M
+        for k, c in enumerate(crystal):
+            if c is None:
+                continue
+            M = ops[c]
+            A_k = identities[k].A if M is None else identities[k].A @ np.linalg.inv(M).T
+            rel, ang = cell_deviation(cell_of(A_k), reference_cell)
+            if rel > length_tolerance or ang > angle_tolerance:
+                raise Sorry(
+                    f"{files[k]}: cell {_fmt_cell(cell_of(A_k))} is incompatible with the reference "
+                    f"{_fmt_cell(reference_cell)} ({100 * rel:.1f} % on lengths, {ang:.1f}° on angles; tolerance "
+                    f"merging.cell_tolerance: {100 * length_tolerance:g} %, {angle_tolerance:g}°)"
+                )
+            reindex[k] = M
+    return {"experiment_index": matched, "reindex": reindex, "crystal": crystal,
+            "reference_cell": reference_cell,
+            "frame": [ident.frame if ident is not None else -1 for ident in identities]}
+
+
+def _same_A(experiment, ident: StillIdentity) -> bool:
+    if ident.A is None or experiment.crystal is None:
+        return True
+    if ident.frame >= 0:  # rotation frame: S R(φ) F A(φ) at its absolute array index
+        from diffuse_cli.extraction import is_rotation
+        from diffuse_cli.geometry import setting_matrix
+
+        if not is_rotation(experiment):
+            return False
+        try:
+            A = setting_matrix(experiment.crystal, experiment.goniometer, experiment.scan, ident.frame)
+        except ValueError:  # frame outside the experiment's scan
+            return False
+    else:
+        A = np.asarray(experiment.crystal.get_A(), dtype=np.float64).reshape(3, 3)
+    return bool(np.linalg.norm(A - ident.A) <= 1e-6 * np.linalg.norm(A))

@@ -24,8 +24,12 @@ approximation for a director in the detector plane at small scattering angle.
 ``S`` describes the fitted peak alone (the oriented component). ``S_total``
 is ⟨P₂⟩ of the whole fitted I(χ), counting the constant background as an
 isotropic population (S_total = S × oriented fraction); it is the one that
-stays 0 for an isotropic sample, where the peak (and so S) is undetermined
-and the fit says "anisotropy not significant".
+stays 0 for an isotropic sample, where the peak (and so S) is undetermined.
+``S_data`` is the same ⟨P₂⟩ of the measured profile (no model), with an
+exact linear error; anisotropy is significant when |S_data|/σ reaches a
+threshold (:func:`assess_anisotropy`), and otherwise S is reported as 0 with
+"anisotropy not significant". A profile without signal (blank image) is a
+failed fit.
 
 Uncertainties come from the covariance of the weighted least-squares fit
 (``scipy.optimize.curve_fit``, ``absolute_sigma=True`` when σ is given), S's by
@@ -141,23 +145,10 @@ def pseudo_voigt_S(fwhm_deg: float, eta: float) -> float:
     return order_parameter_odf(lambda t: pseudo_voigt_shape(t, w, eta))
 
 
-def order_parameter_from_profile(chi_deg, intensity, centre_deg: float, bin_width_deg: float | None = None) -> float:
-    """Model-free S from a binned I(χ) over the full circle, about ``centre_deg``.
-
-    ``S = Σ I_b ∫_b P₂(cos θ)|sin θ| dθ / Σ I_b ∫_b |sin θ| dθ`` with θ = χ − centre
-    and each bin integrated exactly (I constant within a bin of width
-    ``bin_width_deg``, default the median spacing of ``chi_deg``), so an
-    isotropic profile gives exactly 0 for any centre. Uses the intensity as
-    given (subtract an isotropic background first if wanted). Empty (NaN)
-    bins are skipped, which biases S when the gaps are not symmetric.
-    """
-    chi = np.asarray(chi_deg, dtype=np.float64)
-    I = np.asarray(intensity, dtype=np.float64)
-    if bin_width_deg is None:
-        bin_width_deg = float(np.median(np.diff(np.sort(chi))))
-    ok = np.isfinite(I)
+def _p2_bin_weights(chi_deg, centre_deg: float, bin_width_deg: float):
+    """Exact bin integrals ∫_b P₂(cos θ)|sin θ| dθ and ∫_b |sin θ| dθ (θ = χ − centre)."""
     half = np.radians(0.5 * bin_width_deg)
-    theta = np.radians(chi[ok] - centre_deg)
+    theta = np.radians(np.asarray(chi_deg, dtype=np.float64) - centre_deg)
 
     # continuous antiderivatives over the whole circle (period π, zero net
     # increment for P₂|sin|, increment 2 per π for |sin|)
@@ -168,9 +159,42 @@ def order_parameter_from_profile(chi_deg, intensity, centre_deg: float, bin_widt
     def sin_anti(t):
         return 1.0 - np.cos(np.mod(t, np.pi)) + 2.0 * np.floor(t / np.pi)
 
-    num = np.sum(I[ok] * (p2_anti(theta + half) - p2_anti(theta - half)))
-    den = np.sum(I[ok] * (sin_anti(theta + half) - sin_anti(theta - half)))
-    return float(num / den)
+    return p2_anti(theta + half) - p2_anti(theta - half), sin_anti(theta + half) - sin_anti(theta - half)
+
+
+def order_parameter_with_error(chi_deg, intensity, sigma, centre_deg: float, bin_width_deg: float | None = None):
+    """Model-free (S, σ_S) from a binned I(χ) over the full circle, about ``centre_deg``.
+
+    ``S = Σ I_b ∫_b P₂(cos θ)|sin θ| dθ / Σ I_b ∫_b |sin θ| dθ`` with θ = χ − centre
+    and each bin integrated exactly (I constant within a bin of width
+    ``bin_width_deg``, default the median spacing of ``chi_deg``), so an
+    isotropic profile gives exactly 0 for any centre. Uses the intensity as
+    given (subtract an isotropic background first if wanted). Empty (NaN)
+    bins are skipped, which biases S when the gaps are not symmetric.
+
+    σ_S by linear propagation: S = N/D is a ratio of sums linear in the bin intensities, so
+    ``σ_S² = Σ σ_b² (a_b − S·d_b)² / D²`` (a_b, d_b the bin integrals of
+    P₂|sin θ| and |sin θ|) is exact to first order and needs no fitted model.
+    σ_S is NaN when ``sigma`` is None; S and σ_S are NaN when D ≤ 0 (no
+    signal: the order parameter of a zero intensity is undefined).
+    """
+    chi = np.asarray(chi_deg, dtype=np.float64)
+    I = np.asarray(intensity, dtype=np.float64)
+    if bin_width_deg is None:
+        bin_width_deg = float(np.median(np.diff(np.sort(chi))))
+    ok = np.isfinite(I)
+    if sigma is not None:
+        sig = np.asarray(sigma, dtype=np.float64)
+        ok &= np.isfinite(sig)
+    a, d = _p2_bin_weights(chi[ok], centre_deg, bin_width_deg)
+    num = float(np.sum(I[ok] * a))
+    den = float(np.sum(I[ok] * d))
+    if not den > 0:
+        return float("nan"), float("nan")
+    S = num / den
+    if sigma is None:
+        return S, float("nan")
+    return S, float(np.sqrt(np.sum((sig[ok] * (a - S * d)) ** 2)) / den)
 
 
 # ------------------------------------------------------------------ fitting
@@ -183,6 +207,12 @@ class FitResult:
     Units: ``centre``/``fwhm`` in the x unit of the profile (q_inv_angstrom or
     degrees); ``height``/``b0`` in intensity units; ``b1`` intensity per x
     unit; ``m`` and ``eta``, ``S`` dimensionless.
+
+    Azimuthal fits also carry ``S_data`` ± ``S_data_error`` (model-free ⟨P₂⟩
+    of the measured I(χ) about the fitted centre), ``anisotropy_z`` =
+    |S_data|/S_data_error and ``significant`` (z ≥ the threshold; see
+    :func:`assess_anisotropy`). When not significant, ``S`` is 0 and
+    ``S_error`` NaN: the peak, and so its S, is not determined by the data.
     """
 
     model: str
@@ -197,6 +227,10 @@ class FitResult:
     S_error: float = float("nan")
     S_total: float = float("nan")
     S_total_error: float = float("nan")
+    S_data: float = float("nan")
+    S_data_error: float = float("nan")
+    anisotropy_z: float = float("nan")
+    significant: bool | None = None
     x: np.ndarray | None = None
     y_model: np.ndarray | None = None
 
@@ -217,6 +251,10 @@ class FitResult:
         out["S_error"] = self.S_error
         out["S_total"] = self.S_total
         out["S_total_error"] = self.S_total_error
+        out["S_data"] = self.S_data
+        out["S_data_error"] = self.S_data_error
+        out["anisotropy_z"] = self.anisotropy_z
+        out["significant"] = "" if self.significant is None else bool(self.significant)
         return out
 
 
@@ -299,12 +337,82 @@ def _total_order_parameter(res: FitResult, func, popt, pcov, centre_index) -> No
     res.S_total_error = float(np.sqrt(max(g @ pcov @ g, 0.0)))
 
 
-def _flag_insignificant(res: FitResult) -> None:
-    """Note in the message when the peak height is below 3σ (S is then unreliable)."""
-    h, e = res.params.get("height", np.nan), res.errors.get("height", np.nan)
-    if np.isfinite(e) and e > 0 and abs(h) < 3 * e:
-        note = f"anisotropy not significant (height/sigma = {abs(h) / e:.2g})"
+SIGNIFICANCE_THRESHOLD = 4.0
+"""Default z = |S_data|/σ(S_data) at and above which anisotropy is significant."""
+
+
+EXCESS_NOISE_HARMONICS = 8
+"""Harmonics of the smooth description of I(χ) behind :func:`excess_noise`."""
+
+
+def excess_noise(chi_deg, y, s, n_harmonics: int = EXCESS_NOISE_HARMONICS) -> float:
+    """χ²_ν of I(χ) about a Fourier series with harmonics 0…n (weighted linear fit).
+
+    Structure broader than about 180°/n is taken as signal; the scatter of
+    the bins about it, relative to their σ (unit σ if ``s`` is None), is
+    noise the bin errors do not include (pixel-to-pixel response, unmasked
+    spots, gap edges on real data). n is lowered for short profiles.
+    """
+    theta = np.radians(np.asarray(chi_deg, dtype=np.float64))
+    y = np.asarray(y, dtype=np.float64)
+    w = 1.0 / (np.asarray(s, dtype=np.float64) if s is not None else np.ones_like(y))
+    n = int(min(n_harmonics, (len(y) - 2) // 4))
+    cols = [np.ones_like(theta)] + [f(k * theta) for k in range(1, n + 1) for f in (np.cos, np.sin)]
+    X = np.stack(cols, axis=1) * w[:, None]
+    coef = np.linalg.lstsq(X, y * w, rcond=None)[0]
+    dof = max(len(y) - X.shape[1], 1)
+    return float(np.sum((y * w - X @ coef) ** 2) / dof)
+
+
+def assess_anisotropy(res: FitResult, x, y, s, threshold: float = SIGNIFICANCE_THRESHOLD) -> None:
+    """Decide whether the profile shows order about the fitted director.
+
+    z = |S_data|/σ(S_data): S_data is ⟨P₂⟩ of the measured I(χ) about the
+    fitted centre (the data's own S_total), σ by exact linear propagation of
+    the bin errors (:func:`order_parameter_with_error`), times
+    √max(1, :func:`excess_noise`) (Birge ratio about a smooth Fourier
+    description, so that scatter beyond the bin errors, as on real data,
+    widens the error instead of becoming "order"). Without σ the bins get
+    unit weight and the factor is √excess_noise (the residual scatter).
+    The peak height's own σ is not used: it is degenerate with the
+    background for broad peaks and undefined for a flat profile.
+
+    Not significant (z < threshold): S = 0, S_error = NaN and the message
+    says so; S_total, S_data and the fitted parameters stay as fitted.
+    """
+    centre = res.params.get("centre", float("nan"))
+    sig = s if s is not None else np.ones_like(y)
+    S, err = order_parameter_with_error(x, y, sig, centre)
+    chi2 = excess_noise(x, y, s)
+    if s is None:  # unit weights: χ²_ν is the residual variance; floor it at rounding level
+        err *= np.sqrt(max(chi2, (1e-9 * float(np.mean(np.abs(y)))) ** 2))
+    else:
+        err *= np.sqrt(max(1.0, chi2))
+    res.S_data, res.S_data_error = S, float(err)
+    if err > 0:
+        res.anisotropy_z = float(abs(S) / err)
+    else:  # noise-free profile without σ: S_data is exact
+        res.anisotropy_z = 0.0 if abs(S) < 1e-12 else (float("inf") if np.isfinite(S) else float("nan"))
+    res.significant = bool(np.isfinite(res.anisotropy_z) and res.anisotropy_z >= threshold)
+    if not res.significant:
+        res.S, res.S_error = 0.0, float("nan")
+        note = f"anisotropy not significant (|S_data|/sigma = {res.anisotropy_z:.2g} < {threshold:g}); S set to 0"
         res.message = f"{res.message}; {note}" if res.message else note
+
+
+def _no_signal(x, y, s, model):
+    """A failed FitResult when the profile's mean is not 3σ above zero, else None.
+
+    ⟨P₂⟩ of a zero intensity is 0/0: a blank band is a failure, not S = 0.
+    """
+    if s is not None:
+        w = 1.0 / (s * s)
+        mean, err = float(np.sum(w * y) / np.sum(w)), float(1.0 / np.sqrt(np.sum(w)))
+    else:
+        mean, err = float(np.mean(y)), float(np.std(y) / np.sqrt(len(y)))
+    if mean > 3.0 * err and mean > 0:
+        return None
+    return _failed(model, f"no signal: mean intensity {mean:.3g} ± {err:.2g} is not 3 sigma above 0", len(x))
 
 
 def _curve_fit(func, x, y, s, p0, bounds):
@@ -391,17 +499,24 @@ def _centre_guess(chi, ys, period: float) -> float:
     return float(wrap_degrees(c)) if period == 360 else float(((c + 90.0) % 180.0) - 90.0)
 
 
-def fit_pseudo_voigt_azimuthal(chi_deg, y, sigma=None, pair: bool = True, smooth_window: int = 0) -> FitResult:
+def fit_pseudo_voigt_azimuthal(
+    chi_deg, y, sigma=None, pair: bool = True, smooth_window: int = 0, significance: float = SIGNIFICANCE_THRESHOLD
+) -> FitResult:
     """Periodic pseudo-Voigt (and partner at +180° if ``pair``) + constant background.
 
     chi_deg in degrees; returns centre (degrees, wrapped to [−180, 180) or
     [−90, 90) for a pair), fwhm (degrees), eta, height, b0, and S with its error.
+    ``significance``: z threshold of :func:`assess_anisotropy`. A profile
+    without signal (mean not 3σ above 0) is a failure.
     """
     x, y, s = _prepare(chi_deg, y, sigma)
     names = ["height", "centre", "fwhm", "eta", "b0"]
     model = "pseudo_voigt"
     if len(x) < 8:
         return _failed(model, f"only {len(x)} valid points", len(x))
+    blank = _no_signal(x, y, s, model)
+    if blank is not None:
+        return blank
     ys = _smooth_periodic(y, smooth_window)
     c0 = _centre_guess(x, ys, 180 if pair else 360)
     b0 = float(np.percentile(ys, 10))
@@ -436,11 +551,14 @@ def fit_pseudo_voigt_azimuthal(chi_deg, y, sigma=None, pair: bool = True, smooth
         cov = pcov[np.ix_([2, 3], [2, 3])]
         res.S_error = float(np.sqrt(max(g @ cov @ g, 0.0)))
     _total_order_parameter(res, func, popt, pcov, 1)
-    _flag_insignificant(res)
+    assess_anisotropy(res, x, y, s, significance)
     return res
 
 
-def fit_maier_saupe(chi_deg, y, sigma=None, smooth_window: int = 0, centre: float | None = None) -> FitResult:
+def fit_maier_saupe(
+    chi_deg, y, sigma=None, smooth_window: int = 0, centre: float | None = None,
+    significance: float = SIGNIFICANCE_THRESHOLD,
+) -> FitResult:
     """Maier–Saupe ``b0 + h·exp(m (cos²(χ − χ0) − 1))`` on I(χ) (χ in degrees).
 
     centre: fix χ0 (degrees) instead of fitting it (e.g. a known director).
@@ -448,11 +566,16 @@ def fit_maier_saupe(chi_deg, y, sigma=None, smooth_window: int = 0, centre: floa
     the peak's FWHM (≈ 2√(ln2/m) rad) stays at least two bins wide: narrower
     peaks are not resolved by the profile and would only fit noise.
     S = maier_saupe_S(m) (independent of χ0), σ_S = |dS/dm|·σ_m.
+    ``significance``: z threshold of :func:`assess_anisotropy`. A profile
+    without signal (mean not 3σ above 0) is a failure.
     """
     x, y, s = _prepare(chi_deg, y, sigma)
     model = "maier_saupe"
     if len(x) < 6:
         return _failed(model, f"only {len(x)} valid points", len(x))
+    blank = _no_signal(x, y, s, model)
+    if blank is not None:
+        return blank
     ys = _smooth_periodic(y, smooth_window)
     step = np.radians(float(np.median(np.diff(np.sort(x))))) if len(x) > 1 else np.radians(1.0)
     m_max = float(np.log(2.0) / step**2)
@@ -491,5 +614,5 @@ def fit_maier_saupe(chi_deg, y, sigma=None, smooth_window: int = 0, centre: floa
     if m >= 0.999 * m_max:
         res.message = (res.message + "; " if res.message else "") + "peak narrower than the χ binning"
     _total_order_parameter(res, func, popt, pcov, 1 if centre is None else None)
-    _flag_insignificant(res)
+    assess_anisotropy(res, x, y, s, significance)
     return res

@@ -24,13 +24,16 @@ switch themselves off when stdout is not a terminal, and atomic file writes.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import functools
 import json
 import logging
 import os
 import pickle
+import re
 import sys
 import tempfile
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 import diffuse_cli  # noqa: F401  (sets LIBTBX_BUILD and the DIALS shims)
@@ -64,27 +67,245 @@ def parse_phil(text: str, program: str | None = None, common: bool = True):
     return libtbx.phil.parse(body, process_includes=True)
 
 
-class ArgumentParser(_DialsArgumentParser):
-    """DIALS ArgumentParser that reports a missing input file in one line.
+def _make_sorry(message):
+    return Sorry(message)
 
-    DIALS turns a missing positional file into a multi-line Sorry that embeds
-    a traceback; users of a pipeline want ``Sorry: File not found: x.expt``.
+
+# libtbx gives Sorry __module__ "builtins" (for a short "Sorry:" in tracebacks),
+# so plain pickle cannot find the class: a Sorry raised in a worker process
+# would reach the parent as "Can't pickle <class 'Sorry'>".
+copyreg.pickle(Sorry, lambda e: (_make_sorry, (str(e),)))
+
+#: why dxtbx cannot use an image whose name has no digits, and what to do
+TEMPLATE_HINT = ("no digits in the file name, so DIALS cannot make a file-name template: "
+                 "rename it (e.g. image_00001.cbf) or import it with dials.import and give the .expt")
+
+_PHIL_EXTENSIONS = (".phil", ".param", ".params", ".eff", ".def")
+
+
+def _where(text: str) -> tuple[str, str]:
+    """(message without libtbx's location suffix, "file, line n" or "")."""
+    m = re.search(r'\s*\((?:at )?file "([^"]+)", line (\d+)\)\s*$|\s*at file "([^"]+)", line (\d+)\s*$', text)
+    if m:
+        f, n = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        return text[: m.start()], f"{f}, line {n}"
+    return re.sub(r"\s*\(command line argument, line \d+\)\s*$", "", text), ""
+
+
+def phil_error_message(path: str, error: BaseException) -> str:
+    """One line ``<parameter>: <what is wrong>`` from a libtbx PHIL error."""
+    text = str(error).strip()
+    first, _, rest = text.partition("\n")
+    first, where = _where(first)
+    m = re.match(r'Error interpreting \S+="(.*)" as an? (numeric|integer) expression', first)
+    b = re.match(r'One True or False value expected, \S+="(.*)" found', first)
+    n = re.match(r"(Not enough|Too many) values for \S+: (.*)", first)
+    if m:
+        what = f'"{m.group(1)}" is not {"a number" if m.group(2) == "numeric" else "an integer"}'
+    elif b:
+        what = f'"{b.group(1)}" is not True or False'
+    elif n:
+        what = f"{n.group(1).lower()} values: {n.group(2)}"
+    elif re.match(r"Not a possible choice for", first):
+        value = first.split(":", 1)[1].strip() if ":" in first else ""
+        choices = [c.strip().lstrip("*") for c in rest.splitlines()[1:] if c.strip()]
+        what = f'"{value}" is not one of: {", ".join(choices)}'
+    else:
+        m = re.match(r"\S+ element is (less|greater) than the (minimum|maximum) allowed value: (\S+) [<>] (\S+)", first)
+        if m:
+            what = f"{m.group(3)} is {m.group(1)} than the {m.group(2)} allowed value {m.group(4)}"
+        else:
+            what = first
+    return f"{path}: {what}" + (f" ({where})" if where else "")
+
+
+def _unknown_parameter_message(arg: str, error: BaseException, system_phil) -> str:
+    name = arg.split("=", 1)[0].strip()
+    text = str(error).strip().splitlines()[0]
+    if text.startswith("Unknown command line parameter definition"):
+        import difflib
+
+        paths = [d.path for d in system_phil.all_definitions()]
+        leaves = {p.rsplit(".", 1)[-1]: p for p in paths}
+        close = difflib.get_close_matches(name, paths, n=1) or [
+            leaves[c] for c in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaves), n=1)]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{name}: unknown parameter{hint}; -c lists the parameters"
+    if text.startswith("Ambiguous parameter definition"):
+        return f"{name}: ambiguous parameter name, give its full path (-c lists the parameters)"
+    return f"{arg}: {text}"
+
+
+def _as_one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else type(e).__name__
+
+
+class ArgumentParser(_DialsArgumentParser):
+    """DIALS ArgumentParser whose user mistakes end in one line per culprit.
+
+    * a missing input file: ``Sorry: File not found: x.expt``;
+    * a PHIL file that does not parse or names unknown parameters, a
+      ``key=value`` with an unknown name, a wrong type or a value out of range:
+      ``Sorry: <file or parameter>: <what is wrong>``;
+    * a file DIALS could not read: ``Sorry: <file>: <DIALS's reason>``, one line
+      per such file, instead of DIALS's "Unable to handle" block with tracebacks;
+    * ``require_crystals=True``: experiments without a crystal model (not
+      indexed) are a Sorry naming the ``.expt``;
+    * any scope with both ``d_min`` and ``d_max`` (or ``fit_d_min``/``fit_d_max``)
+      set needs d_min < d_max.
+
     With no arguments at all, help is printed and ``SystemExit(0)`` raised.
     """
 
-    def parse_args(self, args=None, show_diff_phil=False, **kwargs):
+    def __init__(self, *args, require_crystals: bool = False, **kwargs):
+        self._require_crystals = require_crystals
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, show_diff_phil=False, return_unhandled=False, **kwargs):
         if args is None:
             args = sys.argv[1:]
         args = list(args)
         if not args:
             self.print_help()
             raise SystemExit(0)
+        if not ({"-h", "--help", "-c", "--show-config"} & set(args)):
+            for arg in args:
+                if arg.startswith("-") or "=" in arg:
+                    continue
+                if not os.path.exists(arg):
+                    raise Sorry(f"File not found: {arg}")
+            self._check_phil_arguments(args)
+        try:
+            params, options, unhandled = super().parse_args(
+                args, show_diff_phil=show_diff_phil, return_unhandled=True, **kwargs)
+        except ValueError as e:  # dxtbx, reading images given by name
+            if "filename template" not in str(e):
+                raise
+            names = [a for a in args if not a.startswith("-") and "=" not in a and os.path.isfile(a)]
+            culprit = next((a for a in names if not re.search(r"\d", os.path.basename(a))), "image files")
+            raise Sorry(f"{culprit}: {TEMPLATE_HINT}") from None
+        if unhandled and not return_unhandled:
+            raise Sorry(self._unhandled_message(unhandled))
+        self._check_experiments(params)
+        check_resolution_limits(params)
+        if return_unhandled:
+            return params, options, unhandled
+        return params, options
+
+    def _check_phil_arguments(self, args) -> None:
+        """Interpret the PHIL arguments as DIALS will, failing in one line."""
+        from dials.util.phil import parse
+
+        interpreter = self.system_phil.command_line_argument_interpreter()
+        sources = []
         for arg in args:
-            if arg.startswith("-") or "=" in arg:
+            if arg.startswith("-"):
                 continue
-            if not os.path.exists(arg):
-                raise Sorry(f"File not found: {arg}")
-        return super().parse_args(args, show_diff_phil=show_diff_phil, **kwargs)
+            if arg.endswith(_PHIL_EXTENSIONS) and os.path.isfile(arg):
+                if os.path.getsize(arg) == 0:
+                    continue
+                try:
+                    sources.append(parse(file_name=arg))
+                except (RuntimeError, Sorry, ValueError, UnicodeDecodeError) as e:
+                    raise Sorry(f"{arg}: not a valid PHIL file: {_where(_as_one_line(e))[0]}") from None
+            elif "=" in arg and not os.path.exists(arg) and "://" not in arg:
+                try:
+                    sources.append(interpreter.process_arg(arg=arg))
+                except (RuntimeError, Sorry) as e:
+                    raise Sorry(_unknown_parameter_message(arg, e, self.system_phil)) from None
+        try:
+            working, unused = self.system_phil.fetch(sources=sources, track_unused_definitions=True)
+        except (RuntimeError, Sorry) as e:  # e.g. a value that is not one of a choice
+            m = re.search(r"for (\S+?):", str(e))
+            raise Sorry(phil_error_message(m.group(1) if m else "parameters", e)) from None
+        if unused:
+            item = unused[0]
+            where = _where(getattr(item.object, "where_str", "") or "")[1]
+            file, _, line = where.rpartition(", ")
+            prefix = f"{file}: " if file else ""
+            raise Sorry(f"{prefix}{item.path}: unknown parameter{f' ({line})' if line else ''}; "
+                        "-c lists the parameters")
+        if not sources:
+            return
+        try:
+            working.extract()
+        except (RuntimeError, Sorry, ValueError):
+            # find the culprit (not among the file-reading types: the parser
+            # below reads those and reports their files)
+            for d in working.all_definitions():
+                if str(d.object.type).startswith(("experiment_list", "reflection_table")):
+                    continue
+                try:
+                    d.object.extract()
+                except (RuntimeError, Sorry, ValueError) as e:
+                    raise Sorry(phil_error_message(d.path, e)) from None
+
+    def _unhandled_message(self, unhandled) -> str:
+        """One line per argument DIALS could not use, with its reason."""
+        errors = getattr(self._phil_parser, "handling_errors", {})
+        lines = []
+        for arg in unhandled:
+            errs = errors.get(arg, [])
+            # the reader that matches the extension has the telling reason
+            kind = "refl" if arg.endswith(".refl") else "experiment" if arg.endswith((".expt", ".json")) else ""
+            matching = [e for e in errs if kind and kind in str(e.type).lower()]
+            hard = [e for e in errs if not e.validation]
+            if kind and errs and not matching:
+                ext = os.path.splitext(arg)[1]
+                lines.append(f"{arg}: this program does not read {ext} files (see -h for its inputs)")
+            elif matching or hard:
+                e = (matching or hard)[0]
+                how = "not a valid" if e.validation else "cannot be read as"
+                lines.append(f"{arg}: {how} {e.type} file: {_as_one_line(e.exception)}")
+            elif errs:
+                kinds = "/".join(dict.fromkeys(e.type for e in errs))
+                lines.append(f"{arg}: not a valid {kinds} file ({_as_one_line(errs[0].exception)})")
+            elif os.path.isdir(arg):
+                lines.append(f"{arg}: this program does not take a directory here")
+            else:
+                lines.append(f"{arg}: not an input this program reads (nor a parameter)")
+        return "\n".join(lines)
+
+    def _check_experiments(self, params) -> None:
+        if not self._require_crystals:
+            return
+        for wrapper in getattr(getattr(params, "input", None), "experiments", None) or []:
+            missing = [i for i, e in enumerate(wrapper.data) if e.crystal is None]
+            if missing:
+                raise Sorry(
+                    f"{wrapper.filename}: {len(missing)} of {len(wrapper.data)} experiments have no crystal "
+                    "model (not indexed); give the indexed .expt from diffuse.stills_process"
+                )
+
+
+def _scopes(extract, prefix=""):
+    """(path prefix, scope) of a PHIL extract and its sub-scopes."""
+    yield prefix, extract
+    for key, value in vars(extract).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, libtbx.phil.scope_extract):
+            yield from _scopes(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            for v in value:
+                if isinstance(v, libtbx.phil.scope_extract):
+                    yield from _scopes(v, f"{prefix}{key}.")
+
+
+def check_resolution_limits(params, prefix: str = "") -> None:
+    """Sorry when a scope sets both ``<x>d_min`` and ``<x>d_max`` with d_min >= d_max."""
+    for path, scope in _scopes(params, prefix):
+        for key, lo in vars(scope).items():
+            if not key.endswith("d_min") or isinstance(lo, bool) or not isinstance(lo, (int, float)):
+                continue
+            other = key[: -len("min")] + "max"
+            hi = getattr(scope, other, None)
+            if isinstance(hi, (int, float)) and not isinstance(hi, bool) and lo > 0 and hi > 0 and lo >= hi:
+                raise Sorry(
+                    f"{path}{key}={lo:g}, {path}{other}={hi:g}: d_min must be smaller than d_max "
+                    "(d_min is the high-resolution limit, in Å)"
+                )
 
 
 def plain_args_to_phil(args: Iterable[str], rules) -> list[str]:
@@ -120,6 +341,10 @@ def configure_logging(program: str, params=None, options=None) -> logging.Logger
         logfile = getattr(params.output, "log", None)
     if not logfile:
         logfile = f"diffuse.{program}.log"
+    # before any work starts: an output place that cannot be used is a Sorry
+    output = getattr(params, "output", None) if params is not None else None
+    check_output_path(getattr(output, "directory", None), "output.directory")
+    check_output_path(logfile, "output.log", directory=False)
     os.makedirs(os.path.dirname(os.path.abspath(logfile)), exist_ok=True)
     # Reset our handlers, so run() called twice from Python does not double log.
     for name in ("dials", "dxtbx", "py.warnings", "diffuse"):
@@ -154,8 +379,11 @@ def log_diff_phil(parser) -> None:
 def entry_point(program: str) -> Callable:
     """Decorator for a program's ``run(args=None)``.
 
-    * ``Sorry`` (user mistakes): when called as a console script, one line on
-      stderr and exit code 1; when called from Python, the exception propagates.
+    * ``Sorry`` (user mistakes): when called as a console script, the message
+      on stderr (whole: ours are one line per culprit) and exit code 1; when
+      called from Python, the exception propagates.
+    * Ctrl-C (``KeyboardInterrupt``): one line and exit code 130 (as a script).
+    * Under MPI with several ranks, the failing rank stops them all.
     * Anything else is a bug: the traceback is kept and the issue tracker named.
     """
 
@@ -168,10 +396,13 @@ def entry_point(program: str) -> Callable:
             except Sorry as e:
                 if not as_script:
                     raise
-                message = str(e).strip().splitlines()[0] if str(e).strip() else "error"
-                sys.stderr.write(f"Sorry: {message}\n")
-                sys.exit(1)
-            except (KeyboardInterrupt, SystemExit):
+                message = "\n".join(ln.rstrip() for ln in str(e).strip().splitlines()) or "error"
+                _stop_script(f"Sorry: {message}", 1)
+            except KeyboardInterrupt:
+                if not as_script:
+                    raise
+                _stop_script(f"diffuse.{program}: interrupted (Ctrl-C)", 130)
+            except SystemExit:
                 raise
             except Exception as e:
                 text = f"Please report this error to {ISSUE_TRACKER} :"
@@ -181,6 +412,67 @@ def entry_point(program: str) -> Callable:
         return wrapper
 
     return decorate
+
+
+def _mpi_world():
+    """MPI.COMM_WORLD when mpi4py's MPI is loaded with more than one rank, else None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return None
+    return mpi.COMM_WORLD if mpi.COMM_WORLD.Get_size() > 1 else None
+
+
+def _launcher_rank() -> int:
+    """This process's rank as mpirun (Open MPI, MPICH, PMIx) tells it; 0 if none."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _stop_script(message: str, status: int) -> None:
+    """Write ``message`` on stderr and exit with ``status``.
+
+    Under MPI the other ranks may wait for this one forever, so the failing
+    rank aborts them all. Rank 0 speaks first: the others wait a moment, so
+    a mistake every rank finds (a bad parameter) is reported once.
+    """
+    comm = _mpi_world()
+    if comm is not None and comm.Get_rank() != 0:
+        time.sleep(1.0)
+    elif comm is None and _launcher_rank() > 0:
+        # under mpirun before MPI started: every rank ran the same code on the
+        # same arguments and stops the same way; rank 0 tells the user
+        sys.exit(status)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    if comm is not None:
+        comm.Abort(status)
+    sys.exit(status)
+
+
+def check_output_path(path, name: str, directory: bool = True) -> None:
+    """Sorry unless ``path`` is (or can be created as) a writable directory,
+    or for ``directory=False`` a file in one. Nothing is created."""
+    if not path:
+        return
+    full = os.path.abspath(path)
+    if os.path.exists(full):
+        if directory and not os.path.isdir(full):
+            raise Sorry(f"{name}={path}: exists and is not a directory; choose another {name}")
+        if not directory and os.path.isdir(full):
+            raise Sorry(f"{name}={path}: is a directory; give a file name")
+        if not os.access(full if directory else os.path.dirname(full), os.W_OK):
+            raise Sorry(f"{name}={path}: no permission to write there")
+        return
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise Sorry(f"{name}={path}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Sorry(f"{name}={path}: cannot be created, no permission to write in {parent}")
 
 
 def resolve_nproc(nproc: int | None) -> int:
@@ -202,6 +494,14 @@ def progress(iterable: Iterable | None = None, **kwargs) -> Iterator:
     return tqdm(iterable, **kwargs)
 
 
+def ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle (it stops the pool),
+    not every worker's to print a traceback for."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def parallel_map(func: Callable, items, nproc: int, desc: str, **progress_kwargs) -> list:
     """``[func(x) for x in items]`` in order, over ``nproc`` forked processes.
 
@@ -213,7 +513,7 @@ def parallel_map(func: Callable, items, nproc: int, desc: str, **progress_kwargs
     if nproc > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(nproc) as pool:
+        with multiprocessing.get_context("fork").Pool(nproc, initializer=ignore_sigint) as pool:
             return list(progress(pool.imap(func, items), total=len(items), desc=desc, **progress_kwargs))
     return [func(x) for x in progress(items, desc=desc, **progress_kwargs)]
 
@@ -294,6 +594,48 @@ def npz_fingerprint(path) -> str:
     with zipfile.ZipFile(path) as zf:
         listing = sorted((i.filename, i.file_size, i.CRC) for i in zf.infolist())
     return f"{zlib.crc32(repr(listing).encode()):08x}"
+
+
+def open_npz(path):
+    """``np.load`` of an ``.npz`` (no pickles). A missing, empty, truncated or
+    foreign file is a Sorry naming it, not a zipfile traceback."""
+    import zipfile
+
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise Sorry(f"File not found: {path}")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise Sorry(f"{path}: empty file, not an .npz; rerun the program that wrote it")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        reason = _as_one_line(e) if zipfile.is_zipfile(path) or isinstance(e, zipfile.BadZipFile) else "not a zip archive"
+        raise Sorry(f"{path}: not a readable .npz file ({reason}); is it truncated? "
+                    "Rerun the program that wrote it") from None
+    if not hasattr(data, "files"):
+        raise Sorry(f"{path}: a single .npy array, not an .npz file")
+    return data
+
+
+@contextlib.contextmanager
+def image_errors(imageset, index: int) -> Iterator[None]:
+    """Reading image ``index`` of ``imageset`` inside: dxtbx's errors for an
+    unreadable (truncated, corrupt) file become a Sorry naming the file."""
+    try:
+        yield
+    except (RuntimeError, OSError, ValueError) as e:
+        try:
+            where = imageset.get_path(index)
+        except (RuntimeError, IndexError):
+            where = f"image {index}"
+        raise Sorry(f"{where}: cannot read the pixels ({_as_one_line(e)}); is the file truncated?") from None
+
+
+def read_raw_data(imageset, index: int):
+    """``imageset.get_raw_data(index)``, an unreadable image a Sorry naming the file."""
+    with image_errors(imageset, index):
+        return imageset.get_raw_data(index)
 
 
 def write_pickle(path, obj: Any) -> None:

@@ -5,7 +5,7 @@
 * ``qc_unit_cell.png``: histograms of a, b, c (Å) and α, β, γ (°) of indexed stills;
 * ``qc_rmsd.png``: positional RMSD (px) and mean |Δq| = |q_obs − A·h| (Å⁻¹) per still;
 * ``qc_partiality.png``: partiality of all integrated reflections (sum of the
-  per-still histograms on :data:`diffuse_cli.processing.PARTIALITY_BINS`).
+  per-still histograms on :data:`diffuse_cli.stills.records.PARTIALITY_BINS`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffuse_cli import program  # noqa: E402
-from diffuse_cli.processing import (  # noqa: E402
+from diffuse_cli.stills.records import (  # noqa: E402
     FAILED,
     FAILED_VALIDATION,
     INDEXED,

@@ -172,13 +172,18 @@ def b_matrix(unit_cell) -> np.ndarray:
 
 
 def grid_asu_map(grid, laue: LaueSymmetry, unit_cell=None, d_min=None, d_max=None,
-                 chunk: int = 4_000_000):
+                 chunk: int = 4_000_000, return_hand: bool = False):
     """For every voxel of ``grid``, the flat index of its ASU representative.
 
     Returns int64 array (n_voxels,): representative's flat index, or −1 when
     the voxel is outside the resolution range (d from the reference cell) or
     its representative lies outside the grid. Inclusion is decided on the
     representative, so all symmetry mates are in or out together.
+
+    With ``return_hand``, also an int8 array (n_voxels,): +1 where the voxel
+    is an image of its representative under a proper rotation of the Laue
+    group only (the point group without inversion: h's Bijvoet side), −1
+    under an improper one only (−h's side), 0 where both (centric) or none.
 
     Built from the representatives: the voxels inside cctbx's ASU are found
     with one vectorised test, then each one's images under every Laue
@@ -191,6 +196,8 @@ def grid_asu_map(grid, laue: LaueSymmetry, unit_cell=None, d_min=None, d_max=Non
     offset = np.asarray(grid.hkl_max, dtype=np.int64) * np.asarray(grid.ndiv)
     n = grid.n_voxels
     lut = np.full(n, -1, dtype=np.int64)
+    hand = np.zeros(n, dtype=np.int8) if return_hand else None
+    dets = np.rint(np.linalg.det(laue.rotations.astype(np.float64))).astype(np.int8)
     gstar = reciprocal_metric(unit_cell) if unit_cell is not None else None
     ndiv = np.asarray(grid.ndiv, dtype=np.float64)
     rot = laue.rotations.astype(np.float64)  # small integers: exact in float64 BLAS
@@ -210,10 +217,18 @@ def grid_asu_map(grid, laue: LaueSymmetry, unit_cell=None, d_min=None, d_max=Non
             rep[idx[~keep]] = False
         vr = v[rep].astype(np.float64)
         fr = flat[rep]
-        for r in rot:
+        for r, det in zip(rot, dets):
             u = np.rint(vr @ r).astype(np.int64) + offset
             ok = np.all((u >= 0) & (u < shape), axis=-1)
-            lut[(u[ok, 0] * shape[1] + u[ok, 1]) * shape[2] + u[ok, 2]] = fr[ok]
+            dest = (u[ok, 0] * shape[1] + u[ok, 1]) * shape[2] + u[ok, 2]
+            lut[dest] = fr[ok]
+            if hand is not None:
+                # first time: this operator's hand; reached by both hands: centric (0)
+                h = hand[dest]
+                hand[dest] = np.where(h == 0, det, np.where(h == det, h, 2)).astype(np.int8)
+    if hand is not None:
+        hand[hand == 2] = 0
+        return lut, hand
     return lut
 
 
@@ -457,8 +472,14 @@ def resolve_ambiguity(cc: np.ndarray, cnt: np.ndarray, ambiguity: Ambiguity,
 
 def determine_reindexing(source, ambiguity: Ambiguity, unit_cell, d_min: float,
                          d_max: float | None = None, ndiv: int = 1, n_shells: int = 10,
-                         min_overlap: int = 10, seed: int = 0, comm=None) -> dict:
+                         min_overlap: int = 10, seed: int = 0, comm=None,
+                         groups=None) -> dict:
     """Resolve the indexing ambiguity of the stills in ``source`` (see module doc).
+
+    groups: optional (n,) ints; stills with the same value share one indexing
+    by construction (the frames of one rotation sweep) and are resolved as
+    one unit, their features averaged, so they are never reindexed against
+    each other.
 
     Each still's observations are binned on a coarse grid (``ndiv`` voxels per
     lattice unit, ASU of the Laue group) under every ambiguity operator; memory
@@ -498,12 +519,34 @@ def determine_reindexing(source, ambiguity: Ambiguity, unit_cell, d_min: float,
         for part in comm.allgather(mine):
             mine.update(part)
     features = [mine[i] for i in range(n)]
-    cc, cnt = pairwise_correlations(features, k, grid.n_voxels, min_overlap=min_overlap)
-    assignment, score = resolve_ambiguity(cc, cnt, ambiguity, seed=seed)
+    unit = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    n_units = int(unit.max()) + 1 if n else 0
+    if n_units < n:
+        features = [_mean_features([features[i] for i in np.flatnonzero(unit == u)], k)
+                    for u in range(n_units)]
+    if n_units == 1:
+        unit_assignment, score = np.zeros(1, dtype=np.int64), 0.0
+        cc = cnt = None
+    else:
+        cc, cnt = pairwise_correlations(features, k, grid.n_voxels, min_overlap=min_overlap)
+        unit_assignment, score = resolve_ambiguity(cc, cnt, ambiguity, seed=seed)
+    assignment = np.asarray(unit_assignment, dtype=np.int64)[unit]
     reindex = [None if a == 0 else ambiguity.operators[a] for a in assignment]
     return {"assignment": assignment, "operators": ambiguity.operators,
             "names": ambiguity.names(), "score": score, "reindex": reindex,
-            "mean_cc_same": _mean_cc(cc, cnt, assignment, min_overlap)}
+            "mean_cc_same": (_mean_cc(cc, cnt, unit_assignment, min_overlap)
+                             if cc is not None else float("nan"))}
+
+
+def _mean_features(features: list, n_ops: int) -> list:
+    """Per operator, the mean over stills of their (voxel ids, values) features."""
+    out = []
+    for a in range(n_ops):
+        ids = np.concatenate([f[a][0] for f in features])
+        vals = np.concatenate([f[a][1] for f in features])
+        uniq, inv = np.unique(ids, return_inverse=True)
+        out.append((uniq, np.bincount(inv, vals) / np.bincount(inv)))
+    return out
 
 
 def _mean_cc(cc, cnt, x, min_overlap):

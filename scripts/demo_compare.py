@@ -18,18 +18,19 @@ import numpy as np
 
 import diffuse_cli  # noqa: F401
 from diffuse_cli import program
+from diffuse_cli.formats.merged import read_merged
 from diffuse_cli.merging import map_agreement
 from diffuse_cli.symmetry import reciprocal_metric
 
 truth_path, merged_path, png = sys.argv[1:4]
-truth, merged = np.load(truth_path), np.load(merged_path)
+truth, merged = np.load(truth_path), read_merged(merged_path)
 if not np.array_equal(truth["ndiv"], merged["ndiv"]) or truth["I"].shape != merged["I"].shape:
     sys.exit(f"truth grid {truth['I'].shape} differs from merged grid {merged['I'].shape}")
 h, k, l = np.meshgrid(merged["h"], merged["k"], merged["l"], indexing="ij")
 hkl = np.stack([h, k, l], axis=-1).reshape(-1, 3)
 d_star = np.sqrt(np.einsum("ni,ij,nj->n", hkl, reciprocal_metric(merged["unit_cell"]), hkl))
 truth_I = truth["I"]
-units = str(merged["units"]) if "units" in merged.files else ""
+units = str(merged["units"]) if "units" in merged else ""
 model = json.load(open(os.path.join(os.path.dirname(truth_path), "truth.json")))["truth_model"]
 if model.get("photons_per_electron_unit") and units.startswith("electron units"):
     from diffuse_cli.absolute_scale import parse_composition, theory

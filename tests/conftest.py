@@ -63,6 +63,55 @@ def real_images(shared_data, tmp_path_factory):
     return get
 
 
+#: real datasets processed once per test session by diffuse.stills_process:
+#: name -> (subfolder, number of images, parameters)
+REAL_RUNS = {
+    "thaumatin": ("thaumatin_grid_stills", 8, [
+        "indexing.known_symmetry.space_group=P41212",
+        "indexing.known_symmetry.unit_cell=58.4,58.4,152.3,90,90,90",
+    ]),
+    "thermolysin": ("thermolysin_cspad_stills", 2, [
+        "indexing.known_symmetry.space_group=P6122",
+        "indexing.known_symmetry.unit_cell=93,93,130.4,90,90,120",
+        "spotfinder.threshold.dispersion.gain=25",
+        "spotfinder.threshold.dispersion.global_threshold=100",
+        "spotfinder.filter.min_spot_size=2",
+        "indexing.refinement_protocol.d_min_start=2",
+    ]),
+    # the nuclease frames through the default route (rotation_as_stills, shared detector)
+    "snase_stills": ("snase_rotation", 5, [
+        "indexing.known_symmetry.space_group=P4",
+        "indexing.known_symmetry.unit_cell=48.4,48.4,63.3,90,90,90",
+    ]),
+}
+
+
+@pytest.fixture(scope="session")
+def processed_real(real_images, tmp_path_factory):
+    """Function (name in REAL_RUNS) -> dict(out, images, args): DIALS runs once per dataset.
+
+    ``out`` is diffuse.stills_process's output directory (combined.expt/.refl,
+    stills/<tag>_integrated.expt/.refl with shoeboxes); ``args`` the exact
+    command line, for tests that rerun it. Tests must not write into ``out``.
+    """
+    done: dict = {}
+
+    def get(name: str) -> dict:
+        if name not in done:
+            from diffuse_cli.command_line import stills_process
+
+            subfolder, count, params = REAL_RUNS[name]
+            images = real_images(subfolder, count)
+            root = tmp_path_factory.mktemp(f"processed_{name}")
+            args = [*map(str, images), *params, "nproc=2", f"output.directory={root / 'out'}",
+                    f"output.log={root / 'stills_process.log'}"]
+            stills_process.run(args)
+            done[name] = {"out": root / "out", "images": images, "args": args}
+        return done[name]
+
+    return get
+
+
 def mpirun_env() -> dict:
     """Environment for a child ``mpirun``: Python's copy of the environment.
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from diffuse_cli import azimuthal as az
+from diffuse_cli import azimuthal_series
 from diffuse_cli import profile_fitting as pf
 from diffuse_cli.command_line import azimuthal_fit
 
@@ -32,15 +33,39 @@ def models(flux=1.0):
     return det, beam, gonio, scan
 
 
+def recording_factor(det, beam):
+    """Polarization × relative solid angle of every pixel, from dxtbx lab coordinates.
+
+    The counts a sample of intensity I gives are I·P·Ω (detector normal to the
+    beam, so Ω ∝ d/r³); air absorption (< 0.5 % here, and independent of χ) is
+    left out. Written from the formulas, not from diffuse_cli.corrections.
+    """
+    from scitbx.array_family import flex
+
+    panel = det[0]
+    n_fast, n_slow = panel.get_image_size()
+    f, s = np.meshgrid(np.arange(n_fast) + 0.5, np.arange(n_slow) + 0.5)
+    px = flex.vec2_double(flex.double(f.ravel() * panel.get_pixel_size()[0]), flex.double(s.ravel() * panel.get_pixel_size()[1]))
+    lab = panel.get_lab_coord(px).as_numpy_array()
+    r = np.linalg.norm(lab, axis=1)
+    u = lab / r[:, None]
+    frac = beam.get_polarization_fraction()  # E-field along x (polarization normal is y)
+    P = frac * (1 - u[:, 0] ** 2) + (1 - frac) * (1 - u[:, 1] ** 2)
+    d = panel.get_distance()
+    return P * (d / r) * (d / r) ** 2
+
+
 def write_image(path, chi0, field, rng):
-    """A ring at Q0 with intensity ∝ exp(M cos²(χ − χ0)) on a flat background, Poisson noise."""
+    """A ring at Q0 with intensity ∝ exp(M cos²(χ − χ0)) on a flat background,
+    recorded with polarization and solid angle, Poisson noise."""
     from dxtbx.format.FormatCBFMini import FormatCBFMini
     from scitbx.array_family import flex
 
     det, beam, gonio, scan = models(flux=field)
     px = az.DetectorPixels.from_models(det, beam)
     ring = np.exp(-((px.q - Q0) ** 2) / (2 * 0.25**2))
-    mean = 20.0 + 400.0 * ring * np.exp(M * (np.cos(np.radians(px.chi - chi0)) ** 2 - 1))
+    intensity = 20.0 + 400.0 * ring * np.exp(M * (np.cos(np.radians(px.chi - chi0)) ** 2 - 1))
+    mean = intensity * recording_factor(det, beam)
     counts = rng.poisson(mean).astype(np.int32).reshape(400, 400)
     FormatCBFMini.as_file(det, beam, gonio, scan, flex.int(counts), str(path))
 
@@ -222,7 +247,7 @@ def test_merged_map_input(tmp_path):
     H, K, L = np.meshgrid(h, h, h, indexing="ij")
     q = 2 * np.pi * np.sqrt(H**2 + K**2 + L**2) / a
     I = 10.0 + 5 * np.exp(-((q - 1.0) ** 2) / 0.02)
-    np.savez(tmp_path / "merged.npz", I=I, sigma=np.full_like(I, 0.1), counts=np.ones_like(I, dtype=int), h=h, k=h, l=h, unit_cell=np.array([a, a, a, 90, 90, 90.0]), ndiv=2)
+    np.savez(tmp_path / "merged.npz", schema=np.array("diffuse.merge/1"), I=I, sigma=np.full_like(I, 0.1), counts=np.ones_like(I, dtype=int), h=h, k=h, l=h, unit_cell=np.array([a, a, a, 90, 90, 90.0]), ndiv=2)
     out = tmp_path / "m"
     azimuthal_fit.run([str(tmp_path / "merged.npz"), "radial.n_bins=60", f"output.directory={out}", f"output.log={tmp_path / 'l.txt'}"])
     rows = read_rows(out / "profiles" / "merged_radial.csv")
@@ -271,15 +296,15 @@ def test_header_values(series_images):
 
     d, truth = series_images
     path = sorted(d.glob("*.cbf"))[1]
-    assert azimuthal_fit.header_value(str(path), "Flux") == truth[path.name][0]
-    assert azimuthal_fit.header_value(str(path), "Exposure_time") == pytest.approx(0.1)
+    assert azimuthal_series.header_value(str(path), "Flux") == truth[path.name][0]
+    assert azimuthal_series.header_value(str(path), "Exposure_time") == pytest.approx(0.1)
     # FormatCBFMini writes the date 1972-01-01T00:00:00.000
     expected = datetime.datetime(1972, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
-    assert azimuthal_fit.header_value(str(path), "timestamp") == expected
+    assert azimuthal_series.header_value(str(path), "timestamp") == expected
     from libtbx.utils import Sorry
 
     with pytest.raises(Sorry, match="no header line"):
-        azimuthal_fit.header_value(str(path), "Temperature_K")
+        azimuthal_series.header_value(str(path), "Temperature_K")
 
 
 def test_corrections_recover_the_simulated_isotropic_intensity(tmp_path):

@@ -120,17 +120,18 @@ def test_isotropic_profile_has_S_zero_wherever_centred(start):
     assert abs(free.S_total) < 0.005, (free.S_total, free.params)
     res = pf.fit_maier_saupe(chi, y, np.full_like(chi, 1.0), centre=start)
     assert res.success, res.message
-    # S depends on m only; with no anisotropy in the data the fitted peak is
-    # insignificant, said so, and S is consistent with 0 within its error
+    # with no anisotropy in the data the fitted peak is insignificant, said
+    # so, and S is reported as 0 without an error
     assert "not significant" in res.message, res.message
+    assert res.significant is False and res.S == 0.0 and np.isnan(res.S_error)
     # S_total (whole fitted profile, background isotropic) is 0 within its error
     assert abs(res.S_total) < 0.005, (res.S_total, res.S_total_error)
     # noise-free isotropic data: exactly 0, whatever the centre
     exact = pf.fit_maier_saupe(chi, np.full_like(chi, 100.0), np.full_like(chi, 1.0), centre=start)
     assert exact.success and exact.S_total == pytest.approx(0.0, abs=1e-9)
     # model-free S is exactly 0 for a flat profile, for any centre
-    assert pf.order_parameter_from_profile(chi, np.full_like(chi, 7.0), start) == pytest.approx(0.0, abs=1e-12)
-    assert abs(pf.order_parameter_from_profile(chi, y, start)) < 0.01
+    assert pf.order_parameter_with_error(chi, np.full_like(chi, 7.0), None, start)[0] == pytest.approx(0.0, abs=1e-12)
+    assert abs(pf.order_parameter_with_error(chi, y, None, start)[0]) < 0.01
 
 
 @pytest.mark.parametrize("centre", [-150.0, -45.0, 30.0, 120.0])
@@ -150,7 +151,16 @@ def test_model_free_S_does_not_depend_on_peak_position(centre):
     m = 5.0
     chi = np.arange(-180.0, 180.0, 0.25) + 0.125
     y = np.exp(m * (np.cos(np.radians(chi - centre)) ** 2 - 1))
-    assert pf.order_parameter_from_profile(chi, y, centre) == pytest.approx(pf.maier_saupe_S(m), abs=1e-3)
+    assert pf.order_parameter_with_error(chi, y, None, centre)[0] == pytest.approx(pf.maier_saupe_S(m), abs=1e-3)
+
+
+def test_blank_profile_is_a_failure_not_a_success():
+    """Zero intensity has no order parameter (0/0): both models fail with "no signal"."""
+    chi = np.arange(-179.0, 180.0, 2.0)
+    for fit in (pf.fit_maier_saupe, pf.fit_pseudo_voigt_azimuthal):
+        res = fit(chi, np.zeros_like(chi), np.full_like(chi, 0.01))
+        assert not res.success and "no signal" in res.message
+        assert np.isnan(res.S) and np.isnan(res.S_error)
 
 
 def test_failed_fit_is_reported_not_raised():

@@ -17,32 +17,14 @@ from diffuse_cli.command_line import extract as extract_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-STILLS_PHIL = [
-    "indexing.known_symmetry.space_group=P41212",
-    "indexing.known_symmetry.unit_cell=58,58,150,90,90,90",
-    "output.composite_output=True",
-]
-
-
-def stills_process(images, out_dir, extra=()):
-    """Run DIALS stills_process; return (expt, refl) paths of the combined output."""
-    from dials.command_line.stills_process import run
-
-    cwd = os.getcwd()
-    os.chdir(out_dir)
-    try:
-        run([str(p) for p in images] + STILLS_PHIL + list(extra))
-    finally:
-        os.chdir(cwd)
-    return out_dir / "idx-0000_integrated.expt", out_dir / "idx-0000_integrated.refl"
-
 
 @pytest.fixture(scope="module")
-def thaumatin(real_images, tmp_path_factory):
-    """One thaumatin still processed by DIALS stills_process (~15 s)."""
-    images = real_images("thaumatin_grid_stills", 1)
-    out = tmp_path_factory.mktemp("thau_sp")
-    expt, refl = stills_process(images, out)
+def thaumatin(processed_real):
+    """The first thaumatin still, processed once per session by diffuse.stills_process (DIALS)."""
+    run = processed_real("thaumatin")
+    images = run["images"][:1]
+    expt = sorted((run["out"] / "stills").glob("*_integrated.expt"))[0]
+    refl = expt.with_name(expt.name.replace("_integrated.expt", "_integrated.refl"))
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentListFactory
 
@@ -323,8 +305,11 @@ def test_geometry_cache_file(tmp_path):
     g2 = ex.GeometryCache(tmp_path).by_key(g.key)
     np.testing.assert_array_equal(g.s1, g2.s1)
     assert g.s1.dtype == np.float32
-    # a different beam gives a different key
-    assert ex.geometry_key(det, _beam(1.1)) != g.key
+    # the key is per detector and beam direction, not per wavelength (issue 12)
+    from dxtbx.model import BeamFactory
+
+    assert ex.geometry_key(det, _beam(1.1)) == g.key
+    assert ex.geometry_key(det, BeamFactory.simple_directional((0, 0.01, 1), 1.0)) != g.key
 
 
 # ---------------------------------------------------------------- program conventions

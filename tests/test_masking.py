@@ -22,28 +22,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def thaumatin(real_images, tmp_path_factory):
-    """One thaumatin still through DIALS stills_process, keeping shoeboxes (~15 s)."""
+def thaumatin(processed_real):
+    """The first thaumatin still, processed once per session by diffuse.stills_process
+    (DIALS, shoeboxes kept)."""
     from dials.array_family import flex
-    from dials.command_line.stills_process import run
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    image = real_images("thaumatin_grid_stills", 1)[0]
-    out = tmp_path_factory.mktemp("thau_sp_sb")
-    cwd = os.getcwd()
-    os.chdir(out)
-    try:
-        run([
-            str(image),
-            "indexing.known_symmetry.space_group=P41212",
-            "indexing.known_symmetry.unit_cell=58,58,150,90,90,90",
-            "output.composite_output=True",
-            "integration.debug.output=True",
-            "integration.debug.separate_files=False",
-        ])
-    finally:
-        os.chdir(cwd)
-    expt, refl = out / "idx-0000_integrated.expt", out / "idx-0000_integrated.refl"
+    run = processed_real("thaumatin")
+    image = run["images"][0]
+    expt = sorted((run["out"] / "stills").glob("*_integrated.expt"))[0]
+    refl = expt.with_name(expt.name.replace("_integrated.expt", "_integrated.refl"))
     experiments = ExperimentListFactory.from_json_file(str(expt), check_format=True)
     reflections = flex.reflection_table.from_file(str(refl))
     return {"expt": expt, "refl": refl, "experiments": experiments, "reflections": reflections, "image": image}

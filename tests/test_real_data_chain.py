@@ -11,21 +11,17 @@ import numpy as np
 import pytest
 
 import diffuse_cli  # noqa: F401
-from diffuse_cli.command_line import bragg_mask, correct, extract, merge, stills_process
+from diffuse_cli.command_line import bragg_mask, correct, extract, merge
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def thaumatin_chain(real_images, tmp_path_factory):
+def thaumatin_chain(processed_real, tmp_path_factory):
     root = tmp_path_factory.mktemp("thaumatin_chain")
-    images = real_images("thaumatin_grid_stills", 4)
-    stills_process.run([*map(str, images), f"output.directory={root / 'processed'}", "nproc=2",
-                        "indexing.known_symmetry.space_group=P41212",
-                        "indexing.known_symmetry.unit_cell=58.4,58.4,152.3,90,90,90",
-                        f"output.log={root / 'sp.log'}"])
-    expt = str(root / "processed" / "combined.expt")
-    refl = str(root / "processed" / "combined.refl")
+    processed = processed_real("thaumatin")["out"]  # all 8 stills, DIALS once per session
+    expt = str(processed / "combined.expt")
+    refl = str(processed / "combined.refl")
     bragg_mask.run([expt, refl, f"output.directory={root / 'masks'}", "nproc=2",
                     f"output.log={root / 'mask.log'}"])
     for label, mask_args in (

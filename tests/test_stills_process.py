@@ -25,7 +25,7 @@ import pytest
 from conftest import mpirun_env
 
 import diffuse_cli  # noqa: F401
-from diffuse_cli import processing
+from diffuse_cli.stills import inputs, still_route
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
@@ -128,33 +128,33 @@ def test_stills_partiality_analytic():
     A[2, 0] = q[2]  # h = (1, 0, 0) -> q
     D, half_mosaic = 1000.0, 0.1
     rs = 1 / D + 2 * math.radians(half_mosaic) * d_star / 2
-    p, rh = processing.stills_partiality(A, s0, np.array([[1.0, 0, 0]]), D, half_mosaic)
+    p, rh = still_route.stills_partiality(A, s0, np.array([[1.0, 0, 0]]), D, half_mosaic)
     assert abs(rh[0]) < 1e-12 and abs(p[0] - 1) < 1e-12
     # move the point radially out by rs/sqrt(2)
     q2 = q + (rs / math.sqrt(2)) * s1 / np.linalg.norm(s1)
     A2 = np.diag([q2[0], 1.0, 1.0])
     A2[1, 0], A2[2, 0] = q2[1], q2[2]
-    p2, rh2 = processing.stills_partiality(A2, s0, np.array([[1.0, 0, 0]]), D, half_mosaic)
+    p2, rh2 = still_route.stills_partiality(A2, s0, np.array([[1.0, 0, 0]]), D, half_mosaic)
     assert rh2[0] == pytest.approx(rs / math.sqrt(2), rel=1e-3)
     assert p2[0] == pytest.approx(0.5, rel=3e-3)
 
 
 def test_rotation_step_detection():
     items = [
-        processing.Item(path=f"/d/snc_{i:05d}.img", osc_start=float(i), header_osc_width=0.0)
+        inputs.Item(path=f"/d/snc_{i:05d}.img", osc_start=float(i), header_osc_width=0.0)
         for i in range(1, 6)
     ]
     stills = [
-        processing.Item(path=f"/e/still_{i:05d}.cbf", osc_start=0.0, header_osc_width=0.0)
+        inputs.Item(path=f"/e/still_{i:05d}.cbf", osc_start=0.0, header_osc_width=0.0)
         for i in range(3)
     ]
-    processing.detect_rotation_steps(items + stills)
+    inputs.detect_rotation_steps(items + stills)
     assert [it.osc_width for it in items] == [1.0] * 5
     assert [it.osc_width for it in stills] == [0.0] * 3
     # on the sequence route, consecutive frames of a dataset form one work unit
     for it in items:
-        it.route = processing.ROUTE_SEQUENCE
-    units = processing.group_sequences(stills[:1] + items[:2] + items[3:] + stills[1:])
+        it.route = inputs.ROUTE_SEQUENCE
+    units = inputs.group_sequences(stills[:1] + items[:2] + items[3:] + stills[1:])
     assert [len(u) for u in units] == [1, 2, 2, 1, 1]  # the gap at frame 3 splits the sweep
 
 
@@ -290,16 +290,9 @@ def test_rerun_skips_completed_stills(simulated):
 
 
 @pytest.fixture(scope="module")
-def thaumatin(real_images, tmp_path_factory):
-    images = real_images("thaumatin_grid_stills", 8)
-    work = tmp_path_factory.mktemp("thaumatin")
-    out = work / "out"
-    _run(
-        [*images, "indexing.known_symmetry.space_group=P41212",
-         "indexing.known_symmetry.unit_cell=58.4,58.4,152.3", "nproc=2", f"output.directory={out}"],
-        cwd=work,
-    )
-    return out
+def thaumatin(processed_real):
+    """All 8 thaumatin stills, processed once per session (conftest.REAL_RUNS)."""
+    return processed_real("thaumatin")["out"]
 
 
 @pytest.mark.real_data
@@ -328,21 +321,9 @@ def test_thaumatin_stills(thaumatin):
 
 
 @pytest.fixture(scope="module")
-def thermolysin(real_images, tmp_path_factory):
-    images = real_images("thermolysin_cspad_stills", 2)
-    work = tmp_path_factory.mktemp("thermolysin")
-    out = work / "out"
-    _run(
-        [*images, "indexing.known_symmetry.space_group=P6122",
-         "indexing.known_symmetry.unit_cell=93,93,130.4,90,90,120",
-         "spotfinder.threshold.dispersion.gain=25",
-         "spotfinder.threshold.dispersion.global_threshold=100",
-         "spotfinder.filter.min_spot_size=2",
-         "indexing.refinement_protocol.d_min_start=2",
-         "nproc=2", f"output.directory={out}"],
-        cwd=work,
-    )
-    return out
+def thermolysin(processed_real):
+    """The two CSPAD shots, processed once per session (conftest.REAL_RUNS)."""
+    return processed_real("thermolysin")["out"]
 
 
 @pytest.mark.real_data
@@ -366,12 +347,10 @@ SNASE_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def snase(real_images, tmp_path_factory):
-    images = real_images("snase_rotation", 5)
-    work = tmp_path_factory.mktemp("snase")
-    out = work / "out"
-    _run([*images, *SNASE_ARGS, "nproc=2", f"output.directory={out}"], cwd=work)
-    return {"images": images, "work": work, "out": out}
+def snase(processed_real, tmp_path_factory):
+    """The five nuclease frames, default route, processed once per session (conftest.REAL_RUNS)."""
+    run = processed_real("snase_stills")
+    return {"images": run["images"], "work": tmp_path_factory.mktemp("snase"), "out": run["out"]}
 
 
 def _spindle_axis(image):
@@ -485,8 +464,13 @@ def test_kill_and_resume_serial_matches_uninterrupted(snase):
     n_done = len([p for p in done.iterdir() if p.suffix == ".json"])
     assert 1 <= n_done < 5
     assert not (out / "stills_process_summary.json").exists()
-    _run(args[1:], cwd=snase["work"])
+    rerun = _run(args[1:], cwd=snase["work"])
     rows = _summary(out)
-    assert sum(r["resumed"] for r in rows) == n_done
+    # killed in the first pass (fewer than 5 done-records): those frames resume
+    # there; the second pass, with the shared detector, then processes all 5
+    log = rerun.stdout if "Shared detector for" in rerun.stdout else rerun.stderr
+    first_pass = log.split("Shared detector for")[0]
+    assert first_pass.count("[done earlier]") == n_done, log[-3000:]
+    assert sum(r["resumed"] for r in rows) == 0
     # serial (resumed) run == uninterrupted multiprocess run
     assert _stable(rows) == _stable(_summary(snase["out"]))

@@ -78,6 +78,11 @@ predicted {
     .type = float(value_min=0)
     .help = "Spot radius in units of the profile model's sigma_b, added in"
             "quadrature to a percentile of the centroid residuals."
+  n_sigma_m = 3.0
+    .type = float(value_min=0)
+    .help = "Rotation frames: a lattice point is masked on a frame when it"
+            "crosses the Ewald sphere within the frame's rotation range widened"
+            "by n_sigma_m times the profile model's mosaicity sigma_m on each side."
   residual_percentile = 95
     .type = float(value_min=0, value_max=100)
     .help = "Percentile of the tangential centroid residuals (observed minus"
@@ -137,7 +142,14 @@ dynamic {
     .type = float(value_min=0)
   hot_min_excess = 5
     .type = float(value_min=0)
-    .help = "Counts above the local median a hot pixel must exceed in every image."
+    .help = "Counts above the local median a hot pixel must exceed (in at least"
+            "hot_fraction of the images)."
+  hot_fraction = 0.75
+    .type = float(value_min=0, value_max=1)
+    .help = "A pixel is hot when it is above its neighbourhood's Poisson range"
+            "in at least this fraction of the images used (and in at least"
+            "min_images of them): a Bragg peak moves from still to still and"
+            "lasts a few frames of a sweep, a hot pixel stays."
   dead_min_expected = 20
     .type = float(value_min=0)
     .help = "A pixel that never counts is dead when this many counts were expected."
@@ -157,7 +169,11 @@ output {
     .help = "Default: <directory>/summary.json"
   overwrite = False
     .type = bool
-    .help = "Recompute masks that already exist."
+    .help = "Recompute every mask, even those whose inputs and parameters are unchanged."
+  stale = *remove keep
+    .type = choice
+    .help = "Masks in the output directory of images no longer among the inputs:"
+            "remove them, or keep them (reported)."
   png {
     still = None
       .type = int
@@ -187,6 +203,7 @@ def run(args=None, phil=phil_scope):
         read_reflections=True,
         check_format=True,
         epilog=__doc__,
+        require_crystals=True,
     )
     params, options = parser.parse_args(args)
     program.configure_logging("bragg_mask", params, options)
@@ -203,4 +220,5 @@ def run(args=None, phil=phil_scope):
         raise Sorry("method=shoebox needs a reflection file with shoeboxes")
     if params.output.summary is None:
         params.output.summary = os.path.join(params.output.directory, "summary.json")
-    masking.run_bragg_mask(experiments, refl, params)
+    refl_file = params.input.reflections[0].filename if reflections else "reflections"
+    masking.run_bragg_mask(experiments, refl, params, reflection_file=refl_file)

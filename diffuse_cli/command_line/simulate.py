@@ -1,9 +1,12 @@
-"""Simulate still diffraction images from a known diffuse-scattering truth.
+"""Simulate still diffraction images, XFEL shots or a rotation sweep from a known diffuse-scattering truth.
 
 Writes CBF images that dials.import reads with the simulated geometry and
-exposure time, together with the truth: ``truth.json`` (every model parameter,
-per-still orientation U, setting matrix A and scale, detector and beam) and
+exposure time (kind=rotation: one sweep, numbered from rotation.first_image;
+kind=xfel: each shot with its own wavelength and exposure time 0),
+together with the truth: ``truth.json`` (every model parameter, per-still or
+per-frame orientation U, setting matrix A and scale, detector and beam) and
 ``truth.npz`` (the exact merged diffuse map on the diffuse.merge hkl grid).
+The forward model shares no code with the reduction programs.
 
 The expected counts in a pixel are
 
@@ -19,6 +22,10 @@ Examples:
   diffuse.simulate n_stills=20 detector=multi noise=False bragg=False output.directory=sim_multi
 
   diffuse.simulate unit_cell=58.4,58.4,152.3,90,90,90 space_group=P41212 output.directory=thau
+
+  diffuse.simulate kind=rotation rotation.n_images=20 rotation.first_image=101 rotation.oscillation=0.5 output.directory=sweep
+
+  diffuse.simulate kind=xfel n_stills=40 detector=multi multi.layout=cspad xfel.wavelength_jitter=0.002 output.directory=xfel
 
   diffuse.simulate my_simulation.phil
 """
@@ -37,9 +44,68 @@ logger = logging.getLogger("diffuse.simulate")
 
 phil_scope = program.parse_phil(
     """
+kind = *stills rotation xfel
+  .type = choice
+  .help = "stills: n_stills stills, each with a random orientation. rotation: one"
+          "sweep of rotation.n_images frames of one crystal on a single-axis"
+          "goniometer, a numbered series that dials.import reads as one sweep."
+          "xfel: n_stills XFEL shots, each with its own wavelength (header), pulse"
+          "flux and orientation, exposure time 0 in the header (see xfel)."
 n_stills = 20
   .type = int(value_min=1)
-  .help = "Number of still images."
+  .help = "Number of still images (kind=stills) or shots (kind=xfel)."
+xfel {
+  wavelength_jitter = 0.002
+    .type = float(value_min=0, value_max=0.05)
+    .help = "Relative rms of the per-shot (mean) wavelength about beam.wavelength"
+            "(Gaussian; 0.002 = 0.2 %). Each image header carries its shot's"
+            "mean wavelength."
+  flux_jitter = 0.3
+    .type = float(value_min=0)
+    .help = "Relative rms of the pulse flux (gamma distribution of mean 1). A shot's"
+            "scale is flux times an overlap factor uniform in [scale_min, scale_max]."
+  photons_per_pulse = None
+    .type = float(value_min=0)
+    .help = "If set, each header carries the shot's incident flux,"
+            "photons_per_pulse times its relative pulse flux (miniCBF Flux, full"
+            "CBF beam flux), which diffuse.correct normalises by; the per-shot"
+            "scale left to merge is then the overlap factor alone. None: no flux in"
+            "the headers, as on the real CSPAD shots."
+  bandwidth = 0.0
+    .type = float(value_min=0, value_max=0.05)
+    .help = "Relative rms width of each shot's Gaussian spectrum (e.g. 0.001 for a"
+            "SASE pulse); 0: monochromatic shots. The diffuse and Bragg signal is"
+            "summed over spectrum_samples wavelengths within +-2 rms."
+  spectrum_samples = 5
+    .type = int(value_min=1)
+    .help = "Wavelength samples of a shot's spectrum (with bandwidth > 0)."
+}
+rotation {
+  n_images = 10
+    .type = int(value_min=1)
+    .help = "Frames in the sweep."
+  first_image = 1
+    .type = int(value_min=0)
+    .help = "Image number of the first frame (file <prefix><5 digits>.cbf)."
+  phi_start = 0.0
+    .type = float
+    .help = "Rotation angle at the start of the first frame (degrees)."
+  oscillation = 0.5
+    .type = float(value_min=0)
+    .help = "Oscillation width of each frame (degrees)."
+  axis = 1 0 0
+    .type = floats(size=3)
+    .help = "Rotation axis (lab frame). A miniCBF carries none: dxtbx reads 1,0,0,"
+            "so import other axes with dials.import geometry.goniometer.axes=..."
+  sub_steps = 5
+    .type = int(value_min=1)
+    .help = "Diffuse intensity of a frame: mean of I_true over this many equal"
+            "steps of its oscillation."
+  drift_deg = 0.0
+    .type = float(value_min=0)
+    .help = "Scan-varying crystal: the orientation turns by this angle over the"
+            "whole sweep (degrees), linearly in phi, about a fixed random axis."
+}
 seed = 0
   .type = int(value_min=0)
   .help = "Random seed: orientations, scales, noise, defects, lattice tables."
@@ -51,10 +117,12 @@ space_group = P43212
   .help = "Space group; the truth has the symmetry of its Laue group."
 exposure_time = 1.0
   .type = float(value_min=0, allow_none=False)
-  .help = "Exposure time per still (s)."
+  .help = "Exposure time per still or frame (s). kind=xfel: not used (counts per"
+          "pulse, I_true in photons/microsteradian per pulse at scale 1; headers 0)."
 scale_min = 0.5
   .type = float(value_min=0)
-  .help = "Per-still scale factors are uniform in [scale_min, scale_max]."
+  .help = "Per-still scale factors are uniform in [scale_min, scale_max]; along a"
+          "sweep the scale falls linearly from scale_max to scale_min."
 scale_max = 2.0
   .type = float(value_min=0)
 noise = True
@@ -91,19 +159,34 @@ detector_model {
     .help = "Count cutoff: counts are clipped to it; the trusted range is (-1, overload)."
 }
 multi {
+  layout = *grid cspad
+    .type = choice
+    .help = "grid: n_panels_fast x n_panels_slow panels with gaps, beam centre at"
+            "detector_model.beam_centre_px. cspad: four quadrants turned by 90"
+            "degrees from each other around the beam (hole in the middle), each"
+            "with modules_per_quadrant modules stacked with gaps."
   n_panels_fast = 2
     .type = int(value_min=1)
+    .help = "layout=grid."
   n_panels_slow = 2
     .type = int(value_min=1)
+    .help = "layout=grid."
+  modules_per_quadrant = 2
+    .type = int(value_min=1)
+    .help = "layout=cspad."
   panel_size = 512 512
     .type = ints(size=2, value_min=1)
-    .help = "Pixels (fast, slow) of each panel."
+    .help = "Pixels (fast, slow) of each panel (module)."
   gap_px = 10
     .type = int(value_min=0)
-    .help = "Gap between panels, in pixels."
+    .help = "Gap between panels, in pixels (cspad: the central hole is 3 gaps wide)."
   tilt_deg = 0.5
     .type = float(value_min=0)
     .help = "Each panel is tilted by random angles within +-tilt_deg about x and y."
+  rotation_deg = 0.0
+    .type = float(value_min=0)
+    .help = "layout=cspad: each module is also turned about its normal by a random"
+            "angle within +-rotation_deg."
 }
 beam {
   wavelength = 1.0
@@ -204,7 +287,8 @@ absolute_scale {
   wilson_b = 30.0
     .type = float(value_min=0)
     .help = "Å^2. The Bragg (Wilson) part exp(-B d*^2/2) sum f^2 is left out of the"
-            "continuous scattering (the Bragg spots carry it)."
+            "continuous scattering; the Bragg spots carry it (mean spot intensity"
+            "proportional to sum f^2 exp(-B d*^2/2), the target of a Wilson plot)."
   photons_per_electron_unit = 0.0001
     .type = float(value_min=0)
     .help = "Photons per microsteradian per second (scale 1) per electron unit per"
@@ -213,10 +297,13 @@ absolute_scale {
 bragg_model {
   intensity = 100000.0
     .type = float(value_min=0)
-    .help = "Mean full-spot photons per second at scale 1 (before the B envelope)."
+    .help = "Mean full-spot photons per second (kind=xfel: per pulse) at scale 1"
+            "and d* = 0 (before the resolution envelope)."
   b_factor = 15.0
     .type = float
-    .help = "Spot intensities fall as exp(-B d*^2/2) (Å^2)."
+    .help = "Spot intensities fall as exp(-B d*^2/2) (Å^2). With"
+            "absolute_scale.composition the envelope is instead the Wilson one,"
+            "sum f^2(d*)/sum f^2(0) exp(-absolute_scale.wilson_b d*^2/2)."
   excitation_sigma = 0.0003
     .type = float(value_min=0)
     .help = "Partiality is a Gaussian in the excitation error |A h + s0| - 1/lambda"
@@ -245,7 +332,9 @@ output {
     .type = path
   prefix = image_
     .type = str
-    .help = "Images are <prefix><5-digit index>.cbf"
+    .help = "Images are <prefix><5-digit index>.cbf (stills from 0; a sweep from"
+            "rotation.first_image). A rerun removes the images of an earlier run"
+            "that it does not write."
 }
 """,
     program="simulate",
@@ -259,13 +348,14 @@ def _check_symmetry(params) -> None:
     try:
         info = sgtbx.space_group_info(params.space_group)
     except RuntimeError as e:
-        raise Sorry(f"Unknown space group: {params.space_group}") from e
+        raise Sorry(f"space_group={params.space_group}: unknown space group") from e
     try:
         uc = uctbx.unit_cell(tuple(params.unit_cell))
     except RuntimeError as e:
         raise Sorry(f"Bad unit cell: {params.unit_cell}") from e
     if not info.group().is_compatible_unit_cell(uc):
-        raise Sorry(f"Unit cell {params.unit_cell} is not compatible with {info}")
+        cell = ",".join(f"{x:g}" for x in params.unit_cell)
+        raise Sorry(f"unit_cell={cell}: not compatible with space_group {info}")
     crystal.symmetry(unit_cell=uc, space_group_info=info)
     params.space_group = str(info)
 
@@ -286,13 +376,14 @@ def run(args=None, phil=phil_scope):
     if params.scale_max < params.scale_min:
         raise Sorry("scale_max must not be smaller than scale_min")
     _check_symmetry(params)
-    from diffuse_cli.simulate import run_simulation
+    from diffuse_cli.simulation import run_simulation
 
     t0 = time.perf_counter()
     summary = run_simulation(params, phil.format(python_object=params).as_str())
     logger.info(
-        "Wrote %d stills, truth.json%s to %s in %.1f s",
-        summary["n_stills"],
+        "Wrote %d %s, truth.json%s to %s in %.1f s",
+        summary["n_images"],
+        "frames" if params.kind == "rotation" else "stills",
         " and truth.npz" if params.truth.map else "",
         params.output.directory,
         time.perf_counter() - t0,

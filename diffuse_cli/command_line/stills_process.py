@@ -55,7 +55,8 @@ import sys
 import time
 
 import diffuse_cli  # noqa: F401  (DIALS environment before libtbx)
-from diffuse_cli import processing, program
+from diffuse_cli import program, shared_detector
+from diffuse_cli.stills import drivers, inputs, records
 
 from libtbx.utils import Sorry
 
@@ -83,6 +84,11 @@ sequence {
   scan_varying = False
     .type = bool
     .help = "Scan-varying refinement of the crystal model on the sequence route."
+  refine_detector = True
+    .type = bool
+    .help = "Refine the detector (and the beam direction in the spindle plane) "
+            "with the crystal on the sequence route, as dials.index/dials.refine "
+            "do by default for a sweep; stills_process's own defaults fix both."
 }
 rotation_frames {
   ewald_proximal_volume_max = 0.01
@@ -93,6 +99,17 @@ rotation_frames {
     .type = float(value_min=0)
     .help = "profile.gaussian_rs.parameters.sigma_b_cutoff used (at least) for "
             "rotation frames (degrees)."
+  shared_detector = True
+    .type = bool
+    .help = "Refine one detector jointly against the indexed spots of all the "
+            "frames of a dataset processed as stills (route rotation_as_stills; "
+            "each frame's orientation and cell free, beam fixed), then process "
+            "the frames again with it as reference geometry, so that frames are "
+            "not fitted with an untilted header detector. Not used when "
+            "input.reference_geometry is given."
+  shared_detector_min_frames = 3
+    .type = int(value_min=2)
+    .help = "Fewest indexed frames of a dataset for the shared detector."
 }
 q_consistency {
   max_mean_delta_q = 0.005
@@ -185,10 +202,10 @@ def run(args=None, phil=phil_scope):
 
     items = config = None
     if rank == 0:
-        all_paths = processing.expand_paths(paths, params.input.glob, params.input.file_list)
+        all_paths = inputs.expand_paths(paths, params.input.glob, params.input.file_list)
         if not all_paths:
             raise Sorry("No input images given")
-        items = processing.discover(all_paths, params.processing_mode)
+        items = inputs.discover(all_paths, params.processing_mode)
         if params.input.image_tag:
             items = [it for it in items if it.tag in set(params.input.image_tag)]
         if params.input.max_images:
@@ -204,13 +221,13 @@ def run(args=None, phil=phil_scope):
         logger.info("%d input images; routes: %s", len(items),
                     ", ".join(f"{k} {v}" for k, v in routes.items()))
         for it in items:
-            if it.route in (processing.ROUTE_ROTATION_AS_STILLS, processing.ROUTE_SEQUENCE):
+            if it.route in (inputs.ROUTE_ROTATION_AS_STILLS, inputs.ROUTE_SEQUENCE):
                 logger.info("  %s: rotation frame of %.3f deg (header width %.3f deg) -> route %s",
                             it.tag, it.osc_width, it.header_osc_width, it.route)
-        config = processing.Config(
+        config = records.Config(
             params=params,
             directory=directory,
-            fingerprint=processing.params_fingerprint(parser.phil, params),
+            fingerprint=records.params_fingerprint(parser.phil, params),
             overwrite=params.overwrite,
         )
 
@@ -222,34 +239,54 @@ def run(args=None, phil=phil_scope):
         logger.info("%s: %s%s, %d indexed, %d integrated%s", row["tag"], row["status"],
                     reason, row["n_indexed"], row["n_integrated"], extra)
 
-    if comm is not None:
-        results = processing.run_mpi(items, config, comm, on_result=report if rank == 0 else None)
-        if rank != 0:
-            return None
-    else:
-        nproc = program.resolve_nproc(params.nproc)
-        if nproc == 1 and params.mp.nproc > 1:
-            nproc = params.mp.nproc
-        results = processing.run_local(items, config, nproc, on_result=report)
+    nproc = program.resolve_nproc(params.nproc)
+    if nproc == 1 and params.mp.nproc > 1:
+        nproc = params.mp.nproc
+
+    def run_items(batch):
+        if comm is not None:  # every rank takes part; rank 0 holds the batch
+            return drivers.run_mpi(batch, config, comm, on_result=report if rank == 0 else None)
+        return drivers.run_local(batch, config, nproc, on_result=report)
+
+    shared = params.rotation_frames.shared_detector and params.input.reference_geometry is None
+    min_frames = params.rotation_frames.shared_detector_min_frames
+    if shared and rank == 0:
+        shared_detector.use_stored(items, config, min_frames)
+    results = run_items(items)
+    again = None
+    if shared and rank == 0:
+        again = shared_detector.refine_datasets(items, [r[0] for r in results], config, min_frames)
+    if shared and comm is not None:
+        again = comm.bcast(again, root=0)
+    if again:
+        redone = run_items(again)
+        if rank == 0:
+            position = {it.tag: i for i, it in enumerate(items)}
+            for it, res in zip(again, redone):
+                results[position[it.tag]] = res
+    if rank != 0:
+        return None
     elapsed = time.perf_counter() - t0
 
     rows = [r[0] for r in results]
     hists = [r[1] for r in results]
-    csv_path, json_path = processing.write_summary(
+    csv_path, json_path = drivers.write_summary(
         rows, os.path.join(directory, params.output.summary_prefix)
     )
-    expt_path, refl_path, n_combined = processing.write_combined(
+    expt_path, refl_path, n_combined = drivers.write_combined(
         rows, directory, params.output.combined_prefix
     )
     if params.output.plots:
         from diffuse_cli import qc_plots
 
         qc_plots.make_all(rows, hists, directory)
-    logger.info("%s in %.1f s", processing.summarise(rows), elapsed)
+    logger.info("%s in %.1f s", drivers.summarise(rows), elapsed)
     logger.info("Summary: %s", csv_path)
     logger.info("Combined: %s, %s (%d experiments)", expt_path, refl_path, n_combined)
     if n_combined == 0:
-        raise Sorry(f"No image was indexed ({processing.summarise(rows)}); see {csv_path}")
+        first = next((r for r in rows if r["reason"]), None)
+        why = f"; {first['image']}: {first['reason']}" if first else ""
+        raise Sorry(f"No image was indexed ({drivers.summarise(rows)}{why}); see {csv_path}")
 
 
 if __name__ == "__main__":
