@@ -850,13 +850,9 @@ def _adjust_map(merged: MergedMap, unit_cell, terms: ScalingTerms, ring_factor, 
         arr[vox[fin]] = (arr[vox[fin]] * mul[fin] + add[fin]).astype(arr.dtype)
 
 
-def _fit_still_terms(terms, i, grid, reference: MergedMap, hkl, I, sig, co, fit_max_obs, min_counts,
-                     seed, variance_per_intensity=None) -> FitResult:
-    """Subset of still i's observations with a reference value, then ScalingTerms.fit_still."""
-    hkl = np.asarray(hkl)
-    I = np.asarray(I, dtype=np.float64)
-    sig = np.asarray(sig, dtype=np.float64)
-    v1 = variance_per_intensity
+def _reference_subset(grid, reference: MergedMap, hkl, I, sig, v1, fit_max_obs, min_counts, seed):
+    """Indices of a still's usable observations (at most ``fit_max_obs``, random, fixed by
+    ``seed``) whose reference voxel has ≥ ``min_counts`` counts and a finite I, and that I."""
     sel = np.flatnonzero(_valid_obs(hkl, I, sig, v1))
     if len(sel) > fit_max_obs:
         sel = np.sort(np.random.default_rng(seed).choice(sel, fit_max_obs, replace=False))
@@ -869,7 +865,17 @@ def _fit_still_terms(terms, i, grid, reference: MergedMap, hkl, I, sig, co, fit_
     sel, rep = sel[good], rep[good]
     ref = reference.I[rep]
     good = np.isfinite(ref)
-    sel, ref = sel[good], ref[good]
+    return sel[good], ref[good]
+
+
+def _fit_still_terms(terms, i, grid, reference: MergedMap, hkl, I, sig, co, fit_max_obs, min_counts,
+                     seed, variance_per_intensity=None) -> FitResult:
+    """Subset of still i's observations with a reference value, then ScalingTerms.fit_still."""
+    hkl = np.asarray(hkl)
+    I = np.asarray(I, dtype=np.float64)
+    sig = np.asarray(sig, dtype=np.float64)
+    v1 = variance_per_intensity
+    sel, ref = _reference_subset(grid, reference, hkl, I, sig, v1, fit_max_obs, min_counts, seed)
     sub = {k: v[sel] for k, v in co.items()}
     return terms.fit_still(i, I[sel], sig[sel], ref, sub,
                            variance_per_intensity=None if v1 is None else np.asarray(v1)[sel])
@@ -892,20 +898,7 @@ def _fit_still(model, grid, gstar, reference: MergedMap, hkl, I, sig, fit_max_ob
     I = np.asarray(I, dtype=np.float64)
     sig = np.asarray(sig, dtype=np.float64)
     v1 = variance_per_intensity
-    sel = np.flatnonzero(_valid_obs(hkl, I, sig, v1))
-    if len(sel) > fit_max_obs:
-        sel = np.sort(np.random.default_rng(seed).choice(sel, fit_max_obs, replace=False))
-    flat, inside = voxel_flat(grid, hkl[sel])
-    sel = sel[inside]
-    flat = flat[inside]
-    rep = reference.lut[flat]
-    good = rep >= 0
-    rep = np.where(good, rep, 0)
-    good &= reference.counts[rep] >= min_counts
-    sel, rep = sel[good], rep[good]
-    ref = reference.I[rep]
-    good = np.isfinite(ref)
-    sel, ref = sel[good], ref[good]
+    sel, ref = _reference_subset(grid, reference, hkl, I, sig, v1, fit_max_obs, min_counts, seed)
     h = hkl[sel].astype(np.float64)
     dss = np.einsum("ni,ij,nj->n", h, gstar, h)
     return fit_scale(model, I[sel], sig[sel], ref, dss,

@@ -112,6 +112,27 @@ def processed_real(real_images, tmp_path_factory):
     return get
 
 
+def lattice_contrast(path, min_off_lattice: int = 10_000) -> tuple[float, int]:
+    """Mean I at integer-hkl voxels of a merged map / mean I of the other measured voxels,
+    and the number of lattice voxels (the origin left out)."""
+    import numpy as np
+
+    m = np.load(path)
+    ndiv = np.asarray(m["ndiv"]).ravel()
+    on = [np.isclose(ax * n, np.round(ax * n)) & np.isclose(ax, np.round(ax))
+          for ax, n in zip((m["h"], m["k"], m["l"]), ndiv)]
+    lattice = on[0][:, None, None] & on[1][None, :, None] & on[2][None, None, :]
+    measured = (m["counts"] > 0) & np.isfinite(m["I"])
+    origin = np.zeros_like(lattice)
+    origin[np.argmin(abs(m["h"])), np.argmin(abs(m["k"])), np.argmin(abs(m["l"]))] = True
+    at = measured & lattice & ~origin
+    off = measured & ~lattice
+    assert off.sum() > min_off_lattice
+    if not at.any():
+        return float("nan"), 0
+    return float(np.mean(m["I"][at]) / np.mean(m["I"][off])), int(at.sum())
+
+
 def mpirun_env() -> dict:
     """Environment for a child ``mpirun``: Python's copy of the environment.
 

@@ -7,10 +7,10 @@ default Bragg mask it does not (within 10%).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import diffuse_cli  # noqa: F401
+from conftest import lattice_contrast
 from diffuse_cli.command_line import bragg_mask, correct, extract, merge
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
@@ -42,26 +42,8 @@ def thaumatin_chain(processed_real, tmp_path_factory):
     return root
 
 
-def _lattice_contrast(path) -> tuple[float, int]:
-    """Mean I at integer-hkl voxels / mean I of the other measured voxels, and their number."""
-    m = np.load(path)
-    ndiv = np.asarray(m["ndiv"]).ravel()
-    on = [np.isclose(ax * n, np.round(ax * n)) & np.isclose(ax, np.round(ax))
-          for ax, n in zip((m["h"], m["k"], m["l"]), ndiv)]
-    lattice = on[0][:, None, None] & on[1][None, :, None] & on[2][None, None, :]
-    measured = (m["counts"] > 0) & np.isfinite(m["I"])
-    origin = np.zeros_like(lattice)
-    origin[np.argmin(abs(m["h"])), np.argmin(abs(m["k"])), np.argmin(abs(m["l"]))] = True
-    at = measured & lattice & ~origin
-    off = measured & ~lattice
-    assert off.sum() > 10_000
-    if not at.any():
-        return float("nan"), 0
-    return float(np.mean(m["I"][at]) / np.mean(m["I"][off])), int(at.sum())
-
-
 def test_bragg_lattice_visible_without_bragg_mask(thaumatin_chain):
-    contrast, n = _lattice_contrast(thaumatin_chain / "no_bragg_mask" / "merged" / "merged.npz")
+    contrast, n = lattice_contrast(thaumatin_chain / "no_bragg_mask" / "merged" / "merged.npz")
     assert n > 200
     # measured 2.0 on 4 stills: a voxel (1/3 of a lattice unit wide) holds many
     # diffuse pixels besides the peak, and a still excites few lattice points
@@ -69,6 +51,6 @@ def test_bragg_lattice_visible_without_bragg_mask(thaumatin_chain):
 
 
 def test_bragg_lattice_gone_with_default_bragg_mask(thaumatin_chain):
-    contrast, n = _lattice_contrast(thaumatin_chain / "bragg_masked" / "merged" / "merged.npz")
+    contrast, n = lattice_contrast(thaumatin_chain / "bragg_masked" / "merged" / "merged.npz")
     # either the lattice voxels are masked out entirely, or they are not brighter
     assert n == 0 or contrast < 1.1, (contrast, n)  # measured 1.035

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import diffuse_cli  # noqa: F401
+from conftest import lattice_contrast
 from diffuse_cli import corrections
 from diffuse_cli.command_line import azimuthal_fit, bragg_mask, correct, extract, merge
 
@@ -51,22 +52,8 @@ def cspad_chain(processed_real, tmp_path_factory):
 
 
 def _lattice_contrast(path) -> tuple[float, int]:
-    """Mean I at integer-hkl voxels / mean I of the other measured voxels, and their number
-    (the idea of test_real_data_chain.py, with a smaller floor: two shots measure fewer voxels)."""
-    m = np.load(path)
-    ndiv = np.asarray(m["ndiv"]).ravel()
-    on = [np.isclose(ax * n, np.round(ax * n)) & np.isclose(ax, np.round(ax))
-          for ax, n in zip((m["h"], m["k"], m["l"]), ndiv)]
-    lattice = on[0][:, None, None] & on[1][None, :, None] & on[2][None, None, :]
-    measured = (m["counts"] > 0) & np.isfinite(m["I"])
-    origin = np.zeros_like(lattice)
-    origin[np.argmin(abs(m["h"])), np.argmin(abs(m["k"])), np.argmin(abs(m["l"]))] = True
-    at = measured & lattice & ~origin
-    off = measured & ~lattice
-    assert off.sum() > 5_000
-    if not at.any():
-        return float("nan"), 0
-    return float(np.mean(m["I"][at]) / np.mean(m["I"][off])), int(at.sum())
+    """conftest.lattice_contrast with a smaller floor: two shots measure fewer voxels."""
+    return lattice_contrast(path, min_off_lattice=5_000)
 
 
 def test_shots_are_normalised_per_shot(cspad_chain):
