@@ -8,13 +8,15 @@ DEMO_DIR ?= demo_output
 
 .PHONY: setup demo test test-fast clean benchmarks
 
-# System packages: DIALS 3.12 (dxtbx, cctbx), MPI, pyFAI, numba. Only installs what is missing.
+# System packages: DIALS 3.12 (dxtbx, cctbx), MPI, pyFAI, numba; fabio/h5py (EDF, HDF5 images and exports),
+# gemmi (MTZ export, CIF), plotly + jinja2 (diffuse.report), chromium (the report's browser test).
+# Only installs what is missing.
 .setup-system.stamp:
-	@if ! /usr/bin/python3 -c "import dials, dxtbx, mpi4py, pyFAI, numba" 2>/dev/null || ! command -v mpirun >/dev/null; then \
-	  echo "Installing Debian packages (python3-dials, MPI, pyFAI)..."; \
+	@if ! /usr/bin/python3 -c "import dials, dxtbx, mpi4py, pyFAI, numba, fabio, gemmi, h5py, plotly, jinja2" 2>/dev/null || ! command -v mpirun >/dev/null || ! command -v chromium >/dev/null; then \
+	  echo "Installing Debian packages (python3-dials, MPI, pyFAI, fabio, gemmi, h5py, plotly, jinja2, chromium)..."; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-dials python3-mpi4py openmpi-bin python3-pyfai python3-numba python3-venv >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-dials python3-mpi4py openmpi-bin python3-pyfai python3-numba python3-venv python3-fabio python3-gemmi python3-h5py python3-plotly python3-jinja2 chromium >/dev/null; \
 	fi
 	@touch $@
 
@@ -25,8 +27,11 @@ $(VENV)/.installed: .setup-system.stamp pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Two pytest workers (the machine's two cores); conftest.py keeps each module, and all
+# tests of the shared real-data DIALS runs, on one worker.
+TEST_WORKERS ?= 2
 test: setup
-	@$(VENV)/bin/python -m pytest -q --timeout=1800
+	@$(VENV)/bin/python -m pytest -q --timeout=1800 -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 test-fast: setup
 	@$(VENV)/bin/python -m pytest -q -m "not slow and not real_data and not mpi"

@@ -23,7 +23,7 @@ from diffuse_cli import dials_compat
 from diffuse_cli import profile_fitting as pf
 from diffuse_cli import program
 from diffuse_cli.azimuthal_plots import plot_profile, plot_summary, write_maps
-from diffuse_cli.azimuthal_series import SeriesValues, image_stem
+from diffuse_cli.azimuthal_series import SeriesValues, image_stem, series_summary_rows
 from libtbx.utils import Sorry
 
 logger = logging.getLogger("diffuse.azimuthal_fit")
@@ -58,6 +58,8 @@ def images_from_experiments(experiments):
 
 def external_mask(iset):
     """The imageset's attached mask (dials.apply_mask), or None."""
+    if not hasattr(iset, "external_lookup"):
+        return None  # a SAXS file read without dxtbx (saxs_inputs.SaxsFile)
     data = iset.external_lookup.mask.data
     if data is None or data.empty():
         return None
@@ -148,12 +150,17 @@ def azimuthal_targets(params, expt):
         q = float(az.q_from_d_star(1.0 / d))
         targets.append((f"azimuthal_q{q:.4f}", q, {"d": d}))
     for hkl in params.hkl or []:
-        if expt.crystal is None:
-            raise Sorry("hkl= needs a crystal model: give an indexed .expt")
         if not any(hkl):
             raise Sorry("hkl=0,0,0 is the direct beam")
-        A = np.array(expt.crystal.get_A()).reshape(3, 3)
-        q = float(az.q_from_d_star(np.linalg.norm(A @ np.array(hkl, dtype=float))))
+        if expt.crystal is not None:
+            A = np.array(expt.crystal.get_A()).reshape(3, 3)
+            q = float(az.q_from_d_star(np.linalg.norm(A @ np.array(hkl, dtype=float))))
+        elif params.input.cif:
+            from diffuse_cli.saxs_reflections import d_spacing_from_cif
+
+            q = float(az.q_from_d_star(1.0 / d_spacing_from_cif(params.input.cif, hkl)))
+        else:
+            raise Sorry("hkl= needs a crystal model: give an indexed .expt, or a CIF (input.cif=)")
         targets.append(("azimuthal_hkl{}_{}_{}".format(*hkl), q, {"hkl": tuple(hkl)}))
     return targets
 
@@ -262,10 +269,13 @@ def process_image(ordinal: int) -> list[dict]:
     entry = cache.get(detector, beam, iset)
     multiplier = None
     if "multiplier" in entry:  # photons/µsr/s, as diffuse.correct
-        try:
-            t = dials_compat.exposure_time(iset, index)
-        except ValueError as e:
-            raise Sorry(f"corrections.apply=True needs the exposure time ({e}); or set corrections.apply=False")
+        if hasattr(iset, "exposure_time"):  # SAXS file: header, else per exposure (logged once)
+            t = iset.exposure_time(index) or 1.0
+        else:
+            try:
+                t = dials_compat.exposure_time(iset, index)
+            except ValueError as e:
+                raise Sorry(f"corrections.apply=True needs the exposure time ({e}); or set corrections.apply=False")
         multiplier = entry["multiplier"] * (1.0 / t)
     image = az.ImageData(program.read_raw_data(iset, index), entry["pixels"], multiplier=multiplier)
     value = st["series_values"][ordinal]
@@ -314,10 +324,17 @@ def process_image(ordinal: int) -> list[dict]:
 
 def run_azimuthal_fit(experiments, params) -> list[dict]:
     """Profiles and fits of every image of ``experiments`` (and of ``input.merged``); the fits.csv rows."""
-    if len(experiments) == 0 and not params.input.merged:
-        raise Sorry("No experiments (.expt) or merged map (.npz) given")
+    if len(experiments) == 0 and not params.input.merged and not params.input.image:
+        raise Sorry("No experiments (.expt), images with a .poni, or merged map (.npz) given")
+    if len(experiments) and params.input.image:
+        raise Sorry("give either DIALS experiments/images or SAXS images with a .poni (input.image), not both")
     user_mask = None
-    if params.input.mask:
+    saxs = []
+    if params.input.image:
+        from diffuse_cli import saxs_inputs
+
+        saxs, user_mask = saxs_inputs.saxs_images(params)
+    if params.input.mask and user_mask is None:
         if not os.path.exists(params.input.mask):
             raise Sorry(f"File not found: {params.input.mask}")
         try:
@@ -338,7 +355,10 @@ def run_azimuthal_fit(experiments, params) -> list[dict]:
     if params.input.merged:
         rows += process_merged(params.input.merged, params, outdir)
 
-    images = images_from_experiments(experiments)
+    images = images_from_experiments(experiments) + saxs
+    if saxs and params.corrections.apply and saxs[0][0].exposure_time(saxs[0][1]) is None:
+        logger.warning("No exposure time in the header of %s: corrected profiles are per exposure "
+                       "(photons/µsr), not per second", saxs[0][0].get_path(0))
     if experiments and not images:
         raise Sorry("The experiments hold no images")
     series = SeriesValues(params)
@@ -366,6 +386,10 @@ def run_azimuthal_fit(experiments, params) -> list[dict]:
         write_table(table, rows)
         n_ok = sum(1 for r in rows if r["success"])
         logger.info("%d fits (%d failed) written to %s", len(rows), len(rows) - n_ok, table)
+        if len(images) > 1:
+            summary = os.path.join(outdir, "series_summary.csv")
+            write_table(summary, series_summary_rows(rows, params.series.name))
+            logger.info("Series table: %s", summary)
         if params.output.plots and len(images) > 1:
             for p in plot_summary(outdir, rows, params.series.name):
                 logger.info("Summary plot: %s", p)

@@ -78,7 +78,14 @@ def write_maps(outdir, stem, entry, image, params, rings):
         cake = az.fill_centrosymmetric(cake, "cake")
         arrays["qmap_filled"] = qmap.astype(np.float32)
         arrays["cake_filled"] = cake.astype(np.float32)
-    program.write_npz(os.path.join(outdir, f"{stem}_maps.npz"), **arrays)
+    from diffuse_cli.azimuthal_maps import qpar_map
+
+    qpar, qpar_n, qpar_edges = qpar_map(entry, image, params)
+    arrays.update(qpar_qperp=qpar, qpar_n_pixels=qpar_n, qpar_edges=qpar_edges,
+                  field_direction=np.array(params.maps.field_direction, dtype=np.float64))
+    from diffuse_cli.formats.azimuthal_maps import write_azimuthal_maps
+
+    write_azimuthal_maps(os.path.join(outdir, f"{stem}_maps.npz"), **arrays)
 
     def log_image(a):
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -113,6 +120,20 @@ def write_maps(outdir, stem, entry, image, params, rings):
     ax.set_title(f"{stem}: cake, log10 I{fill_note}", fontsize=9)
     fig.colorbar(im, ax=ax, label="log10 mean intensity")
     program.save_figure(os.path.join(outdir, f"{stem}_cake.png"), fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    img, _ = log_image(qpar)
+    e = qpar_edges
+    lo, hi = np.nanpercentile(img, [1, 99.7]) if np.isfinite(img).any() else (0, 1)
+    im = ax.imshow(img, origin="lower", extent=(e[0], e[-1], e[0], e[-1]), cmap="viridis", vmin=lo, vmax=hi)
+    for q in rings:
+        ax.plot(q * np.cos(t), q * np.sin(t), color="w", lw=0.7, ls="--")
+    label = ",".join(f"{v:g}" for v in params.maps.field_direction)
+    ax.set_xlabel(f"q∥ (Å⁻¹, 2π/d, along the field ({label}), DIALS lab)")
+    ax.set_ylabel("q⊥ (Å⁻¹, 2π/d, along field × beam)")
+    ax.set_title(f"{stem}: log10 I in (q∥, q⊥)", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="log10 mean intensity")
+    program.save_figure(os.path.join(outdir, f"{stem}_qpar_qperp.png"), fig)
 
 
 def plot_summary(outdir, rows, series_name):

@@ -129,10 +129,35 @@ class SeriesValues:
             except ValueError:
                 raise Sorry(f"series.filename_pattern matched {m.group(1)!r} in {base}: not a number")
         if self.header_key:
-            value = header_value(path, self.header_key, iset, index)
+            if hasattr(iset, "header_value"):  # EDF header / HDF5 attribute or dataset (saxs_inputs)
+                value = iset.header_value(index, self.header_key)
+            else:
+                value = header_value(path, self.header_key, iset, index)
             if self.header_key == "timestamp":
                 if self._t0 is None:
                     self._t0 = value
                 value -= self._t0
             return value
         return float(ordinal)
+
+
+SUMMARY_QUANTITIES = ("centre", "fwhm", "S", "S_total", "S_data")
+
+
+def series_summary_rows(rows, series_name) -> list[dict]:
+    """One row per successful fit, sorted by profile, model and series value:
+    the series variable, the peak position (``centre``), width (``fwhm``)
+    and the order parameters, each with its error (``series_summary.csv``)."""
+    out = []
+    for r in rows:
+        if not r.get("success"):
+            continue
+        row = {series_name: r[series_name], "image": r["image"], "image_index": r["image_index"],
+               "profile": r["profile"], "q_inv_angstrom": r["q_inv_angstrom"], "model": r["model"]}
+        for q in SUMMARY_QUANTITIES:
+            row[q] = r.get(q, float("nan"))
+            row[q + "_error"] = r.get(q + "_error", float("nan"))
+        row["significant"] = r.get("significant", "")
+        out.append(row)
+    out.sort(key=lambda r: (r["profile"], r["model"], float(r[series_name])))
+    return out

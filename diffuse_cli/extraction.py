@@ -386,15 +386,17 @@ class MaskSource:
 
     def __init__(self, summary=None, static=None):
         self.by_image: dict = {}
+        self.failed: dict = {}  # images diffuse.bragg_mask recorded as failed: key -> its reason
         self.static = None
         self.static_fingerprint = None
         if summary:
             data = summaries.read_summary(summary, summaries.BRAGG_MASK_SUMMARY_SCHEMA)
             directory = os.path.dirname(os.path.abspath(summary))
             for e in data["stills"]:
-                if e.get("status") == "failed":
-                    continue
                 key = (os.path.abspath(e["image_path"]), int(e["image_index"]), e["frame"])
+                if e.get("status") == "failed":
+                    self.failed[key] = e.get("reason", "no reason given")
+                    continue
                 # the packed copy loads ~50x faster than the DIALS pickle
                 name = e.get("mask_bits") or e["mask"]
                 self.by_image[key] = os.path.join(directory, name)
@@ -403,7 +405,7 @@ class MaskSource:
 
             self.static = read_mask(static)
             self.static_fingerprint = provenance.file_fingerprint(static)
-        if not self.by_image and self.static is None:
+        if not self.by_image and not self.failed and self.static is None:
             raise Sorry(
                 "Give masks.summary=bragg_masks/summary.json (from diffuse.bragg_mask) "
                 "or masks.static=<mask file>"
@@ -412,6 +414,8 @@ class MaskSource:
     def _path(self, ref: StillRef) -> str:
         key = (os.path.abspath(ref.image_path), ref.file_index, ref.frame)
         path = self.by_image.get(key)
+        if path is None and key in self.failed:
+            raise Sorry(f"No Bragg mask for {ref.name}: diffuse.bragg_mask failed on it ({self.failed[key]})")
         if path is None:
             raise Sorry(f"No Bragg mask for {ref.name} in the bragg_mask summary")
         if not os.path.exists(path):
@@ -421,7 +425,7 @@ class MaskSource:
     def fingerprint(self, ref: StillRef) -> dict:
         """Content fingerprints of the mask file(s) ``ref`` gets (see diffuse_cli.provenance)."""
         bragg = None
-        if self.by_image:
+        if self.by_image or self.failed:
             path = self._path(ref)
             try:
                 bragg = provenance.file_fingerprint(path)
@@ -433,7 +437,7 @@ class MaskSource:
         from diffuse_cli.formats.masks import read_mask_any as read_mask
 
         mask = None
-        if self.by_image:
+        if self.by_image or self.failed:
             mask = read_mask(self._path(ref))
         if self.static is not None:
             mask = self.static if mask is None else (mask & self.static)

@@ -1,4 +1,4 @@
-"""One resume rule for the per-still stages (bragg_mask, extract, correct).
+"""One resume rule for the stages (bragg_mask, extract, correct per still; merge per map).
 
 A per-still output records a **provenance key**: a hash of the fingerprints
 of everything the still's result depends on (its image, its mask file's
@@ -63,6 +63,21 @@ def file_fingerprint(path: str) -> str:
 
     if str(path).endswith(".npz"):
         return program.npz_fingerprint(path)
+    return _bytes_digest(path)
+
+
+def content_fingerprint(path: str) -> str:
+    """:func:`file_fingerprint`, or for an ``.npz`` that is no zip archive (truncated, damaged)
+    the digest of its bytes: an input the batch rule will record as unreadable has an identity too."""
+    import zipfile
+
+    try:
+        return file_fingerprint(path)
+    except zipfile.BadZipFile:
+        return _bytes_digest(path)
+
+
+def _bytes_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -49,6 +49,26 @@ tag="$(basename "$first" _integrated.expt)"
 
 "$bin/python" "$repo/scripts/demo_compare.py" sim/truth.npz merged/merged.npz merged/demo_vs_truth.png
 
+# ---- analysis: diffuse.anisotropic (issue 14)
+step "analysis: diffuse.anisotropic: I_iso(|q|), anisotropic map I - I_iso with sigma, punch-and-fill"
+"$bin/diffuse.anisotropic" merged/merged.npz anisotropic.fill.punch_radius=0.2 output.directory=analysis
+
+# ---- analysis: diffuse.pdf (issue 14)
+step "analysis: diffuse.pdf: 3D-DeltaPDF of the filled anisotropic map, Patterson of the total map"
+"$bin/diffuse.pdf" analysis/anisotropic.npz output.directory=analysis
+
+# ---- analysis: diffuse.model (issue 14)
+step "analysis: diffuse.model: LLM fit (sigma, gamma) to the anisotropic map, |F|^2 from the integrated Bragg intensities"
+"$bin/diffuse.model" merged/merged.npz processed/combined.refl fit.d_min=4 fit.d_max=20 fit.n_scan=3 \
+  fit.tolerance=0.02 output.directory=analysis
+
+# ---- exports: diffuse.export (issue 15)
+"$bin/diffuse.export" merged/merged.npz format=hdf5+mtz output.directory=exports
+
+# ---- report: diffuse.report (issue 15)
+step "report: diffuse.report: one self-contained HTML page of the whole run"
+"$bin/diffuse.report" . output.html=report.html
+
 cat <<MSG
 
 Done. Results are in $out:
@@ -62,4 +82,5 @@ Done. Results are in $out:
   profiles and fits          $out/azimuthal_fit/
 Pictures:
 $(cd "$out" && find . -name '*.png' | sort | sed 's/^/  /')
+Report (one HTML page, open in a browser): $out/report.html
 MSG

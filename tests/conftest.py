@@ -5,7 +5,10 @@ from __future__ import annotations
 import bz2
 import os
 import pathlib
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -23,6 +26,18 @@ def shared_data_dir() -> pathlib.Path | None:
         if c.is_dir() and (c / "README.md").exists():
             return c
     return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``), keep each
+    module's tests on one worker, so module fixtures run once, and every test of
+    the session-wide DIALS runs (``processed_real``) on the same worker, so DIALS
+    processes each real dataset once per test run."""
+    for item in items:
+        shared = [f for f in ("processed_real", "readme_chain_run") if f in item.fixturenames]
+        group = shared[0] if shared else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -141,3 +156,48 @@ def mpirun_env() -> dict:
     ``os.environ``); a child mpirun that inherits them exits 1 without a word.
     """
     return dict(os.environ)
+
+
+# ------------------------------------------------------------ the README chain
+
+
+def _join_continuations(lines):
+    out, current = [], ""
+    for line in lines:
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+        else:
+            out.append(current + line)
+            current = ""
+    if current:
+        out.append(current)
+    return out
+
+
+def _code_blocks(text: str):
+    """Lines of each fenced code block of a markdown text."""
+    return [m.group(1).splitlines() for m in re.finditer(r"```[a-z]*\n(.*?)```", text, re.S)]
+
+
+def readme_chain() -> list[str]:
+    """The shell lines of the README block that runs diffuse.simulate."""
+    blocks = [b for b in _code_blocks((REPO / "README.md").read_text()) if any("diffuse.simulate" in ln for ln in b)]
+    assert len(blocks) == 1, "expected one README code block with the chain"
+    return [ln.strip() for ln in _join_continuations(blocks[0]) if ln.strip() and not ln.strip().startswith("#")]
+
+
+@pytest.fixture(scope="session")
+def readme_chain_run(tmp_path_factory):
+    """(work, [(line, CompletedProcess)]): the README chain run line by line in bash, as a user
+    types it, in an empty directory, once per session (tests/test_documented_commands.py checks
+    it; tests/test_report.py renders the report it ends with). Stops at the first failing line."""
+    work = tmp_path_factory.mktemp("readme_chain")
+    bin_dir = pathlib.Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    runs = []
+    for line in readme_chain():
+        proc = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        runs.append((line, proc))
+        if proc.returncode != 0:
+            break
+    return work, runs

@@ -115,6 +115,46 @@ def test_wilson_b_recovered_from_simulated_stills(B):
     assert fit.n_groups == 40 and fit.n_reflections > 5000
 
 
+@pytest.mark.parametrize("halo", [0.0, 0.03])
+def test_wilson_b_with_partialities_refined_from_excitation_errors(halo):
+    """Stills whose true rocking width r = r0 + r1 d* is narrower at low resolution than the
+    partialities handed in (as DIALS's are), optionally with diffuse scattering under the spots
+    that does not follow ε and falls off more slowly than the Bragg part (B_h = 10 Å², random
+    per reflection): holding the partialities fixed biases B; refining them with B recovers it
+    (truth: Gaussian excitation profile, xraylib Σf², exponential Wilson draws)."""
+    B, r0, r1 = 30.0, 3e-4, 9e-4
+    rng = np.random.default_rng(5)
+    n_stills, per_still = 40, 300
+    n = n_stills * per_still
+    d_star = np.cbrt(rng.uniform(0.25**3, 0.55**3, n))
+    group = np.repeat(np.arange(n_stills), per_still)
+    k = rng.uniform(0.3, 3.0, n_stills)[group]
+    r_true = r0 + r1 * d_star
+    eps = rng.uniform(-1, 1, n) * 2.5 * r_true  # predicted out to 2.5 widths
+    full = rng.exponential(k * _sigma_f2_xraylib(COMPOSITION, d_star) * np.exp(-0.5 * B * d_star**2))
+    sigma = 0.02 * np.median(full)
+    under = halo * rng.uniform(0.2, 1.0, n) * k * _sigma_f2_xraylib(COMPOSITION, d_star) * np.exp(-5.0 * d_star**2)
+    obs = full * np.exp(-0.5 * (eps / r_true) ** 2) + under + rng.normal(0, sigma, n)
+    r_given = np.full(n, 1e-3)  # too wide, most at low resolution (as DIALS's on the XFEL simulation)
+    p_given = np.exp(-0.5 * (eps / r_given) ** 2)
+    fixed = absc.estimate_wilson_b(d_star, obs, COMPOSITION, partiality=p_given, group=group)
+    fit = absc.estimate_wilson_b(d_star, obs, COMPOSITION, partiality=p_given, group=group,
+                                 excitation_error=eps, variance=np.full(n, sigma**2))
+    print("fixed partialities B = %.1f, refined B = %.1f ± %.1f" % (fixed.B, fit.B, fit.sigma_B), fit.as_dict())
+    assert abs(fixed.B - B) > 4 * fixed.sigma_B  # the test can fail: the given partialities bias B
+    assert fit.B == pytest.approx(B, rel=0.10) and fit.sigma_B < 0.1 * B
+    assert abs(fit.B - B) < 4 * fit.sigma_B
+    pm = fit.partiality_model
+    assert pm["r0_inv_A"] + pm["r1"] * 0.4 == pytest.approx(r0 + r1 * 0.4, rel=0.10)
+    assert fit.n_groups == n_stills and "partialities refined" in fit.as_dict()["method"]
+    under = fit.diffuse_under_spots
+    if halo:  # truth: mean size 0.6 × halo, fall-off B_h = 10 Å²
+        assert under["h"] == pytest.approx(0.6 * halo, abs=3 * under["sigma_h"])
+        assert under["B_h"] == pytest.approx(10.0, abs=3 * under["sigma_B_h"])
+    else:
+        assert under["h"] < 3 * under["sigma_h"]
+
+
 def test_wilson_b_needs_significant_shells():
     rng = np.random.default_rng(1)
     d_star = rng.uniform(0.26, 0.5, 500)

@@ -131,6 +131,13 @@ CASES = _common_cases() + [
     case("bragg_mask", ["{bad}/unindexed.expt", "{refl}"], "unindexed.expt", valid=False),
     case("bragg_mask", ["{bad}/trunc_images.expt", "{refl}"], ["trunc_images.expt", "image_0000"],
          valid=False, id="expt of truncated images"),
+    case("bragg_mask", ["{bad}/one_trunc.expt", "{refl}", "dynamic.enable=False"], "image_00001.cbf",
+         valid=False, id="one image truncated nproc=1", nproc=1, recorded=True),
+    case("bragg_mask", ["{bad}/one_trunc.expt", "{refl}", "dynamic.enable=False"], "image_00001.cbf",
+         valid=False, id="one image truncated nproc=2", nproc=2, recorded=True),
+    # a deleted image already stops the .expt reader (dxtbx checks every file): one Sorry naming it
+    case("bragg_mask", ["{bad}/one_missing.expt", "{refl}", "dynamic.enable=False"], "image_00001.cbf",
+         valid=False, id="one image deleted after stills_process"),
     case("bragg_mask", ["method=shoe"], "method"),
     case("bragg_mask", ["predicted.residual_percentile=200"], "residual_percentile"),
     case("bragg_mask", ["d_min=5", "d_max=3"], ["d_min", "d_max"]),
@@ -149,6 +156,8 @@ CASES = _common_cases() + [
     case("extract", ["{bad}/trunc_images.expt", "masks.summary={masks_summary}", "nproc=2"],
          ["trunc_images.expt", "image_0000"], valid=False, id="expt of truncated images nproc=2"),
     case("extract", ["{bad}/garbage.expt", "masks.summary={masks_summary}"], "garbage.expt", valid=False),
+    case("extract", ["{bad}/one_trunc.expt", "masks.summary={bad}/masks_one_failed/summary.json"],
+         "diffuse.bragg_mask failed", valid=False, id="a still bragg_mask failed on", recorded=True),
     # ------------------------------------------------------------- correct
     case("correct", ["{expt}", "{bad}/trunc.npz"], "trunc.npz", valid=False),
     case("correct", ["{expt}", "{bad}/empty.npz"], "empty.npz", valid=False),
@@ -165,6 +174,10 @@ CASES = _common_cases() + [
     case("correct", ["{expt}", "{bad}/extracted_allshort"], "image_00000_00000.npz", valid=False,
          id="every still inconsistent nproc=2", nproc=2),
     case("correct", ["{bad}/garbage.expt", "{extracted}"], "garbage.expt", valid=False),
+    case("correct", ["{expt}", "{bad}/extracted_nogeometry"], "geometry_", valid=False,
+         id="geometry cache of the detector missing"),
+    case("correct", ["{expt}", "{bad}/extracted_badgeometry"], "geometry_", valid=False,
+         id="geometry cache of the detector truncated"),
     case("correct", ["gain=abc"], "gain"),
     case("correct", ["gain=0"], "gain"),
     # --------------------------------------------------------------- merge
@@ -253,6 +266,15 @@ def _make_bad_inputs(root: pathlib.Path, chain: dict) -> None:
     (root / "empty_00001.cbf").write_bytes(b"")
     expt_text = pathlib.Path(chain["expt"]).read_text()
     (root / "trunc_images.expt").write_text(expt_text.replace(str(sim), str(root / "trunc")))
+    # one image of the two truncated / deleted after stills_process (the other intact)
+    for name, damage in (("one_trunc", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])),
+                         ("one_missing", lambda f: f.unlink())):
+        shutil.copytree(sim, root / name)
+        damage(root / name / "image_00001.cbf")
+        (root / f"{name}.expt").write_text(expt_text.replace(str(sim), str(root / name)))
+    # bragg_mask's summary recording image_00001 as failed (the batch rule), read by extract
+    _ok("bragg_mask", [root / "one_trunc.expt", chain["refl"], "dynamic.enable=False",
+                       f"output.directory={root / 'masks_one_failed'}"], root)
     expt = json.loads(expt_text)
     expt["crystal"] = []
     for e in expt["experiment"]:
@@ -280,6 +302,13 @@ def _make_bad_inputs(root: pathlib.Path, chain: dict) -> None:
             arrays = {k: z[k] for k in z.files}
         arrays["counts"] = arrays["counts"][:-1]
         np.savez(f, **arrays)
+    # extracted folders whose per-detector geometry cache is missing / truncated (both stills share it)
+    for name in ("extracted_nogeometry", "extracted_badgeometry"):
+        shutil.copytree(chain["extracted"], root / name)
+    for g in (root / "extracted_nogeometry").glob("geometry_*.npz"):
+        g.unlink()
+    for g in (root / "extracted_badgeometry").glob("geometry_*.npz"):
+        g.write_bytes(g.read_bytes()[:200])
     # corrected folders with one truncated / empty still
     for name, content in (("corrected_trunc", data[: len(data) // 3]), ("corrected_empty", b"")):
         d = root / name
@@ -464,6 +493,20 @@ def test_bad_input_is_one_line_sorry(bad, results, request):
     if outdir:
         keep = r["cwd"] / outdir / "keep.txt"
         assert keep.exists() and keep.read_text() == SENTINEL, where
+
+
+def test_extract_skips_still_bragg_mask_failed_on_with_its_reason(chain, results):
+    """The reason bragg_mask recorded reaches extract's summary (the still skipped, not a crash)."""
+    r = results.get("extract:a still bragg_mask failed on")
+    if r is None:
+        pytest.skip("case not selected")
+    masks = json.loads((pathlib.Path(chain["bad"]) / "masks_one_failed" / "summary.json").read_text())
+    (bad,) = [e for e in masks["stills"] if e.get("status") == "failed"]
+    assert "image_00001.cbf" in bad["reason"] and masks["n_failed"] == 1
+    summary = json.loads((r["cwd"] / "out" / "summary.json").read_text())
+    (failed,) = [e for e in summary["stills"] if e.get("status") == "failed"]
+    assert bad["reason"] in failed["reason"] and failed["name"].startswith(bad["name"])
+    assert [e["status"] for e in summary["stills"]].count("extracted") == 1
 
 
 def test_shared_inputs_untouched(results):

@@ -23,37 +23,15 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import _code_blocks, _join_continuations, readme_chain
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
-PROGRAMS = ("simulate", "stills_process", "bragg_mask", "extract", "correct", "merge", "azimuthal_fit")
+PROGRAMS = ("simulate", "stills_process", "bragg_mask", "extract", "correct", "merge", "azimuthal_fit",
+            "anisotropic", "pdf", "model", "export", "report")
 
 
 # ----------------------------------------------------------- finding commands
-
-
-def _join_continuations(lines):
-    out, current = [], ""
-    for line in lines:
-        if line.rstrip().endswith("\\"):
-            current += line.rstrip()[:-1] + " "
-        else:
-            out.append(current + line)
-            current = ""
-    if current:
-        out.append(current)
-    return out
-
-
-def _code_blocks(text: str):
-    """Lines of each fenced code block of a markdown text."""
-    return [m.group(1).splitlines() for m in re.finditer(r"```[a-z]*\n(.*?)```", text, re.S)]
-
-
-def readme_chain() -> list[str]:
-    """The shell lines of the README block that runs diffuse.simulate."""
-    blocks = [b for b in _code_blocks((REPO / "README.md").read_text()) if any("diffuse.simulate" in ln for ln in b)]
-    assert len(blocks) == 1, "expected one README code block with the chain"
-    return [ln.strip() for ln in _join_continuations(blocks[0]) if ln.strip() and not ln.strip().startswith("#")]
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -186,17 +164,9 @@ def test_help_shows_the_examples(capsys):
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """The README chain, line by line in bash, in an empty directory."""
-    work = tmp_path_factory.mktemp("readme_chain")
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    runs = []
-    for line in readme_chain():
-        proc = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=1200)
-        runs.append((line, proc))
-        if proc.returncode != 0:
-            break
-    return work, runs
+def chain(readme_chain_run):
+    """The README chain, line by line in bash, in an empty directory (conftest: once per session)."""
+    return readme_chain_run
 
 
 @pytest.mark.slow

@@ -133,11 +133,30 @@ def test_merged_map_correlates_with_truth(sweep):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "target not met (issue 10 item 4): anisotropic CC 0.975 against truth.npz, whose voxel means "
-    "include the Bragg cores that the mask removes from the data; against the truth averaged over "
-    "the pixels actually used it is 0.998 (next test)"))
+    "target not met (issue 10 item 4): anisotropic CC 0.977 against truth.npz (fitted peak mask, "
+    "6.3 % per frame; 0.975 with the mosaic mask, 9.1 %). truth.npz is the diffuse model only (no "
+    "Bragg term), but its halo peaks at each lattice point, under the Bragg peak, where no mask can "
+    "let the data measure it: the integer-hkl voxels (1/8 of the grid at ndiv=2) come out 3.5 % "
+    "below the rest relative to the truth. Without them the CC is 0.985 (next test); against the "
+    "truth averaged over the pixels actually used, 0.998 (test after)"))
 def test_merged_map_anisotropic_correlation_with_truth(sweep):
     assert _agreement_with_truth_npz(sweep)["cc_anisotropic"] >= 0.98
+
+
+def test_merged_map_anisotropic_correlation_with_truth_off_the_lattice_voxels(sweep):
+    """truth.npz on every measured voxel except those at integer hkl, whose cores sit
+    under the Bragg peaks the mask removes."""
+    truth = np.load(sweep / "sim" / "truth.npz")
+    merged = np.load(sweep / "merged" / "merged.npz")
+    assert merged["I"].shape == truth["I"].shape
+    d_star = _d_star_of_grid(merged)
+    h, k, l = np.meshgrid(merged["h"], merged["k"], merged["l"], indexing="ij")
+    lattice = (np.isclose(h, np.rint(h)) & np.isclose(k, np.rint(k)) & np.isclose(l, np.rint(l))).ravel()
+    n = np.where(lattice, 0, merged["counts"].ravel())
+    a = map_agreement(_truth_electron_units(sweep, d_star), merged["I"].ravel(), n, d_star, min_counts=3)
+    assert a["n_voxels"] > 100_000
+    assert a["cc_total"] >= 0.98, a
+    assert a["cc_anisotropic"] >= 0.98, a  # measured 0.985
 
 
 def _truth_where_measured(root):

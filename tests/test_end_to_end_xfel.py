@@ -150,15 +150,17 @@ def test_per_shot_scales_recovered(chain):
     assert np.max(np.abs(ratio - 1)) < 0.02, ratio
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "target not met (issue 13 item 3, end to end): merge estimates 25.2 ± 0.7 Å² for a simulated 30 Å²; "
-    "merge's estimator gives 29.95 from the simulator's true spot intensities and partialities, "
-    "about 2.2 Å² is lost to DIALS's stills partialities and 2.3 Å² to the diffuse halo under the "
-    "spots, which summation integration counts as Bragg intensity (as thermal diffuse scattering)"))
 def test_wilson_b_estimated_from_the_bragg_spots(chain):
+    """B from the integrated spots within 10 %: the partialities refined with B and the diffuse
+    scattering under the spots (the simulator's halo) fitted as a term that does not follow the
+    excitation error (docs/merge.md). With the pipeline's own partialities held fixed the estimate
+    was 25.2 ± 0.7 Å² (−16 %); refined without the diffuse term, 27.9 ± 0.7 Å²."""
     sc = json.loads((chain / "merged" / "absolute_scale.json").read_text())
-    print("Wilson B estimated %.2f ± %.2f Å² (truth %.1f)" % (sc["wilson_b"], sc["wilson"]["sigma_B"], WILSON_B))
+    print("Wilson B estimated %.2f ± %.2f Å² (truth %.1f); partiality model %s; diffuse under spots %s"
+          % (sc["wilson_b"], sc["wilson"]["sigma_B"], WILSON_B, sc["wilson"].get("partiality_model"),
+             sc["wilson"].get("diffuse_under_spots")))
     assert sc["wilson"]["source"].endswith("combined.refl")
+    assert "partialities refined" in sc["wilson"]["method"]
     assert sc["wilson_b"] == pytest.approx(WILSON_B, rel=0.10)
 
 

@@ -501,6 +501,66 @@ def test_merge_two_crystals_onto_one_reference(corrected, sims, tmp_path):
         np.array_equal(undo, -r) for r in laue.rotations)
 
 
+def test_correct_recomputes_a_missing_factors_file(corrected, tmp_path):
+    """The per-detector factors are a cache: deleted, they are recomputed (same key), and the
+    corrected stills that refer to them stay up to date."""
+    expt_a, corr_a = corrected["A"]
+    work = tmp_path / "A"
+    shutil.copytree(corr_a.parent, work)
+    (factors,) = (work / "corrected").glob("factors_*.npz")
+    factors.unlink()
+    assert set(run_correct(work, work / expt_a.name).values()) == {"up to date"}
+    assert factors.exists()
+
+
+def test_merge_resume_rule(corrected, tmp_path):
+    """merge: the same corrected stills (by content), experiments and parameters -> nothing to
+    do, no output rewritten; one relevant parameter or one corrected still changed -> redone."""
+    expt_a, corr_a = corrected["A"]
+    work = tmp_path / "A"
+    shutil.copytree(corr_a.parent, work)  # the chain's files, with their relative references
+    expt, corr = work / expt_a.name, work / "corrected"
+    out = tmp_path / "merged"
+    names = ("merged.npz", "merged.ccp4", "statistics.json", "scales.json", "summary.json", "slice_hk0.png")
+
+    def mtimes():
+        return {n: (out / n).stat().st_mtime_ns for n in names}
+
+    def merge_again(*extra):
+        log = tmp_path / "merge.log"
+        log.unlink(missing_ok=True)
+        run_merge(tmp_path, expt, corr, "space_group=P43212", *extra)
+        return "Nothing to do" in log.read_text()
+
+    assert not merge_again()
+    first = mtimes()
+    assert merge_again() and mtimes() == first
+    # a parameter that does not change the map (a warning limit): still nothing to do
+    assert merge_again("warn_smear_voxels=0.7") and mtimes() == first
+    # touched, same content: the identity of a corrected still is its content
+    still = corr / "image_00002_00000.npz"
+    st = still.stat()
+    os.utime(still, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert merge_again() and mtimes() == first
+    # one relevant parameter: redone, every output rewritten
+    assert not merge_again("d_min=3")
+    second = mtimes()
+    assert all(second[n] != first[n] for n in names)
+    with np.load(out / "merged.npz") as z:
+        assert float(z["d_min"]) == 3.0
+    assert merge_again("d_min=3") and mtimes() == second
+    # one input: one corrected still rewritten with another normalisation -> redone
+    with np.load(still) as z:
+        arrays = dict(z)
+    arrays["normalisation_value"] = np.float64(2 * float(arrays["normalisation_value"]))
+    np.savez(still, **arrays)
+    assert not merge_again("d_min=3")
+    assert all(mtimes()[n] != second[n] for n in names)
+    with np.load(out / "merged.npz") as z:
+        assert int(z["n_stills"]) == 4
+    assert merge_again("d_min=3")
+
+
 # ---------------------------------------------------------------- the batch rule
 
 

@@ -151,6 +151,77 @@ def test_systematic_absences_respected():
     assert any(l % 4 for l in set(h0[bragg_p1 & on_00l, 2].astype(int).tolist()))
 
 
+def _gaussian_spots(cov, center, peaks, background=100.0, step=0.25, reach=4.5):
+    """Observations of spots with a known Gaussian profile: per spot, pixels on a grid
+    in Δh (step sigmas apart, out to ``reach`` sigmas) with excess A·exp(−d²/2)."""
+    L = np.linalg.cholesky(cov)
+    u = np.arange(-reach, reach + 1e-9, step)
+    grid = np.stack(np.meshgrid(u, u, u, indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[np.einsum("ij,ij->i", grid, grid) <= reach**2]
+    profile = np.exp(-0.5 * np.einsum("ij,ij->i", grid, grid))
+    dh = grid @ L.T + center
+    obs = []
+    for i, A in enumerate(peaks):
+        obs.append({"dh": dh, "excess": A * background * profile, "background": np.full(len(dh), background),
+                    "spot": np.tile(np.array([[0, i]], dtype=np.int64), (len(dh), 1))})
+    return obs
+
+
+def test_fitted_peak_model_recovers_a_known_gaussian():
+    """Truth: the covariance and centre the spots were drawn with, and the mask radius
+    sqrt(2 ln(R/f)) for the median peak/background R."""
+    cov = np.array([[0.004, 0.001, 0.0], [0.001, 0.003, -0.0005], [0.0, -0.0005, 0.002]])
+    center = np.array([0.01, -0.02, 0.005])
+    peaks = [2.0, 5.0, 8.0, 30.0, 100.0]  # peak excess / background; median 8
+    model = mk.fit_peak_model(_gaussian_spots(cov, center, peaks), background_fraction=0.1, min_spots=3)
+    assert model.n_spots == 5
+    assert np.allclose(model.center, center, atol=1e-4)
+    # the grid sums approximate the Gaussian's integrals to ~1 %
+    assert np.allclose(model.covariance, cov, atol=0.02 * np.abs(cov).max()), model.covariance
+    assert model.peak_to_background == pytest.approx(8.0)
+    assert model.n_sigma == pytest.approx(np.sqrt(2 * np.log(80.0)))
+    assert mk.fit_peak_model(_gaussian_spots(cov, center, peaks), n_sigma=2.0, min_spots=3).n_sigma == 2.0
+    with pytest.raises(Sorry, match="predicted.fit.min_spots"):
+        mk.fit_peak_model(_gaussian_spots(cov, center, peaks), min_spots=6)
+    # each integrated reflection its own radius, from I_i with k = peak excess / photon:
+    # I_i = A_i·b / k gives back R_i = A_i
+    k, b = 0.02, 100.0
+    refl = {"key": np.arange(5), "intensity": np.array(peaks) * b / k, "background": np.full(5, b)}
+    model = mk.fit_peak_model(_gaussian_spots(cov, center, peaks), background_fraction=0.1, min_spots=3,
+                              reflections=refl)
+    assert model.peak_per_photon == pytest.approx(k)
+    assert np.allclose(model.n_sigma_at(np.arange(5)), np.sqrt(2 * np.log(np.array(peaks) / 0.1)))
+    assert model.n_sigma_at(np.array([99]))[0] == pytest.approx(np.sqrt(2 * np.log(80.0)))
+
+
+def test_fitted_bragg_mask_is_the_ellipsoid_about_each_lattice_point():
+    """Against a direct float64 evaluation of d² = (Δh − c)ᵀ Σ⁻¹ (Δh − c) per pixel."""
+    from cctbx import sgtbx
+
+    det, beam, crystal = _synthetic_still()
+    geom = ex.compute_geometry(det, beam)
+    A = np.array(crystal.get_A()).reshape(3, 3)
+    cov = np.diag([0.01, 0.02, 0.015])
+    model = mk.PeakModel(center=np.array([0.02, 0.0, -0.01]), covariance=cov, n_sigma=2.5)
+    bragg = mk.fitted_bragg_mask(geom, A, sgtbx.space_group_info("P1").group(), model)
+    h = np.linalg.solve(A, geom.q().T).T
+    H = np.rint(h)
+    d = h - H - model.center
+    d2 = np.einsum("ij,jk,ik->i", d, np.linalg.inv(cov), d)
+    expected = (d2 <= 2.5**2) & np.any(H != 0, axis=1)
+    clear = np.abs(d2 - 2.5**2) > 1e-3  # float32 arithmetic at the edge
+    assert 0.01 < expected.mean() < 0.9
+    assert np.array_equal(bragg[clear], expected[clear])
+    # a lattice point with its own radius 0 is not masked; the others are unchanged
+    keys = mk._hkl_key(H.astype(np.int64))
+    own = np.unique(keys[expected], return_counts=True)
+    one = own[0][np.argmax(own[1])]
+    model.hkl_keys, model.n_sigma_of = np.array([one]), np.array([0.0])
+    bragg = mk.fitted_bragg_mask(geom, A, sgtbx.space_group_info("P1").group(), model)
+    assert not bragg[keys == one].any()
+    assert np.array_equal(bragg[clear & (keys != one)], expected[clear & (keys != one)])
+
+
 def test_dynamic_mask_hot_and_dead():
     """Injected hot and dead pixels in Poisson images are found, nothing else."""
     rng = np.random.default_rng(1)

@@ -9,6 +9,10 @@ rotation, far more than 0.1 at these resolutions.
 
 The frames rotate about +x while the SMV format says −x, so the axis is given
 as dials.import's override ``geometry.goniometer.axes=1,0,0``.
+
+The default Bragg mask (a peak model fitted to the sweep's spots) must mask
+<= 15 % of each frame while the merge shows no lattice at integer hkl (within
+10 %), which it does without the mask.
 """
 
 from __future__ import annotations
@@ -61,6 +65,26 @@ def test_sequence_route_indexes_every_frame_with_the_axis_override(sweep):
     assert axis @ np.array([1.0, 0.0, 0.0]) > 0.99
 
 
+def test_sequence_route_scan_cell_and_3d_partialities(sweep):
+    """One sweep with the scan rebuilt from PHI, the cell right, DIALS 3D partialities."""
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentList
+
+    with open(sweep["root"] / "processed" / "stills_process_summary.json") as fh:
+        rows = json.load(fh)["rows"]
+    assert [r["route"] for r in rows] == ["sequence"] * len(rows)
+    (expt,) = ExperimentList.from_file(sweep["expt"], check_format=False)
+    assert expt.scan.get_oscillation() == pytest.approx((sweep["first"] - 1.0, 1.0))
+    a, b, c = expt.crystal.get_unit_cell().parameters()[:3]
+    assert a == pytest.approx(48.4, abs=1.0) and c == pytest.approx(63.3, abs=1.0)
+    for r in rows:
+        assert r["n_integrated"] > 500 and r["rmsd_px"] < 5 and r["delta_q_mean"] < 0.005
+    refl = flex.reflection_table.from_file(sweep["refl"])
+    p = refl["partiality"].as_numpy_array()
+    assert np.all((p > 0) & (p <= 1 + 1e-9)) and p.min() < 0.5
+    assert sum(r["n_integrated"] for r in rows) == len(refl)
+
+
 def test_stored_A_maps_dials_predictions_to_their_miller_index(sweep):
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentList
@@ -102,6 +126,54 @@ def test_hot_pixel_is_masked(sweep):
     assert not flat[slow, fast]
     # and only a handful of hot pixels besides: the neighbours stay usable
     assert flat[slow - 3: slow + 4, fast - 3: fast + 4].sum() >= 40
+
+
+def test_bragg_mask_is_at_most_15_percent_of_each_frame(sweep):
+    """The default (fitted peak model) Bragg mask: <= 15 % of each frame's usable pixels."""
+    stills = json.loads((sweep["root"] / "masks" / "summary.json").read_text())["stills"]
+    assert len(stills) == sweep["last"] - sweep["first"] + 1
+    assert all(s["bragg_shape"][0]["model"] == "fitted" for s in stills)
+    fractions = [s["bragg_fraction"] for s in stills]
+    # measured 11.6-12.4 % (frames 1-5); DIALS's 3-sigma extents (peak_model=mosaic) masked 82 %
+    assert max(fractions) <= 0.15, fractions
+
+
+@pytest.fixture(scope="module")
+def merged_sweep(sweep):
+    """correct + merge (ndiv=3, d_min=2 Å, P4) of the sweep from image 1, masked and unmasked."""
+    from diffuse_cli.command_line import correct, merge
+
+    if sweep["first"] != 1:
+        pytest.skip("merged once, for the sweep from image 1")
+    root, expt = sweep["root"], sweep["expt"]
+    for label, mask_args in (("bragg_masked", None),
+                             ("no_bragg_mask", [f"masks.static={root / 'masks' / 'static.mask'}"])):
+        extracted = root / "extracted"
+        if mask_args is not None:
+            extracted = root / label / "extracted"
+            extract.run([expt, *mask_args, f"output.directory={extracted}", "nproc=1",
+                         f"output.log={root / label / 'extract.log'}"])
+        correct.run([expt, str(extracted), "nproc=1", f"output.directory={root / label / 'corrected'}",
+                     f"output.log={root / label / 'correct.log'}"])
+        # unmasked: no outlier rejection either, which would remove the peaks as outliers
+        reject = ["merging.reject_sigma=None"] if mask_args is not None else []
+        merge.run([expt, str(root / label / "corrected"), "ndiv=3", "d_min=2", "space_group=P4",
+                   *reject, f"output.directory={root / label / 'merged'}",
+                   f"output.log={root / label / 'merge.log'}"])
+    return root
+
+
+def test_masked_merge_shows_no_bragg_lattice(merged_sweep):
+    """Mean I at integer-hkl voxels / mean I elsewhere: the lattice shows without the
+    Bragg mask and is gone (within 10 %) with it, neither left in nor masked hollow."""
+    from conftest import lattice_contrast
+
+    unmasked, n_unmasked = lattice_contrast(merged_sweep / "no_bragg_mask" / "merged" / "merged.npz")
+    assert n_unmasked > 1000
+    assert unmasked > 1.5, unmasked  # measured 1.76
+    contrast, n = lattice_contrast(merged_sweep / "bragg_masked" / "merged" / "merged.npz")
+    assert n > 1000  # lattice voxels still measured (82 % masks left 378)
+    assert abs(contrast - 1) <= 0.10, contrast
 
 
 @pytest.fixture(scope="module")

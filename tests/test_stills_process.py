@@ -286,6 +286,38 @@ def test_rerun_skips_completed_stills(simulated):
     assert _stable(after) == _stable(before)
 
 
+@pytest.mark.slow
+def test_rerun_redoes_only_what_changed(simulated, tmp_path):
+    """The resume rule per still: unchanged -> nothing redone; a parameter every still depends on
+    -> every still redone; one input image changed -> that still only."""
+    import os
+
+    from diffuse_cli.formats.stills_process import read_stills_process_summary
+
+    n = len(simulated["truth"]["images"])
+    images = [tmp_path / pathlib.Path(a).name for a in simulated["args"][:3]]  # copies: one gets touched
+    for a, copy in zip(simulated["args"], images):
+        shutil.copy(a, copy)
+    options = [a for a in simulated["args"][n:] if not str(a).startswith(("nproc=", "output.directory="))]
+    out = tmp_path / "out"
+
+    def redone(*extra):
+        _run([*images, *options, "nproc=1", "output.plots=False", f"output.directory={out}", *extra], cwd=tmp_path)
+        rows = read_stills_process_summary(out / "stills_process_summary.json")
+        assert len(rows) == 3 and all(r["status"] == "indexed" for r in rows), rows
+        return {r["tag"] for r in rows if not r["resumed"]}
+
+    tags = redone()
+    assert len(tags) == 3
+    assert redone() == set()
+    threshold = "spotfinder.threshold.dispersion.global_threshold=450"
+    assert redone(threshold) == tags
+    assert redone(threshold) == set()
+    st = images[1].stat()
+    os.utime(images[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert redone(threshold) == {images[1].stem}
+
+
 # ------------------------------------------------------------- real data
 
 
@@ -398,32 +430,6 @@ def test_snase_frames_route_and_1deg_steps(snase):
         assert min(res[0.0], res[2.0], res[-2.0]) > 0.75, (t1, t2, res)
         signs.append(best_step)
     assert len(set(signs)) == 1  # always the same sense of rotation
-
-
-@pytest.mark.real_data
-def test_snase_sequence_route(snase):
-    """processing_mode=sequence: one sweep with the scan rebuilt from PHI."""
-    from dials.array_family import flex
-
-    out = snase["work"] / "out_sequence"
-    _run([*snase["images"], *SNASE_ARGS, "processing_mode=sequence", f"output.directory={out}"],
-         cwd=snase["work"])
-    rows = _summary(out)
-    assert [r["route"] for r in rows] == ["sequence"] * 5
-    assert all(r["status"] == "indexed" for r in rows), [r["reason"] for r in rows]
-    crystals = _crystals(out)
-    assert list(crystals) == ["snc_newhead_00001_sequence"]
-    expt = crystals["snc_newhead_00001_sequence"]
-    assert expt.scan.get_oscillation() == pytest.approx((0.0, 1.0))
-    assert expt.scan.get_image_range() == (1, 5)
-    a, b, c = expt.crystal.get_unit_cell().parameters()[:3]
-    assert a == pytest.approx(48.4, abs=1.0) and c == pytest.approx(63.3, abs=1.0)
-    for r in rows:
-        assert r["n_integrated"] > 500 and r["rmsd_px"] < 5 and r["delta_q_mean"] < 0.005
-    refl = flex.reflection_table.from_file(str(out / "combined.refl"))
-    p = refl["partiality"].as_numpy_array()
-    assert np.all((p > 0) & (p <= 1 + 1e-9)) and p.min() < 0.5  # DIALS 3D partialities
-    assert sum(r["n_integrated"] for r in rows) == len(refl)
 
 
 @pytest.mark.real_data

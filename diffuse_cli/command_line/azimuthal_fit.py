@@ -18,7 +18,9 @@ Units: q= and every q_inv_angstrom column are 4π sinθ/λ = 2π/d (Å⁻¹), as
 SAXS and pyFAI's q_A^-1. d_star= is DIALS' |q| = 1/d (Å⁻¹); d= is in Å.
 χ = atan2(s1_y, s1_x) in the DIALS laboratory frame (degrees; pyFAI's chi is
 its mirror image). A mask is a DIALS mask file (pickled tuple of flex.bool,
-True = usable). Pixels outside the detector's trusted range are never used.
+True = usable) or, with a .poni, EDF/HDF5/.npy (nonzero = masked, as pyFAI).
+SAXS/WAXS images (EDF, HDF5, fabio) need no dials.import: give a pyFAI .poni.
+Pixels outside the detector's trusted range are never used.
 
 Pixels are corrected by default (corrections.apply=True: solid angle,
 polarization, sensor efficiency, air, exposure time; photons/µsr/s), so the
@@ -54,6 +56,9 @@ Examples::
 
   # radial profile of a merged 3D map
   diffuse.azimuthal_fit merged.npz
+
+  # SAXS/WAXS: EDF images, pyFAI geometry, EDF mask (nonzero = masked), field from the headers
+  diffuse.azimuthal_fit img_*.edf calib.poni mask.edf q=0.05 series.header_key=Field series.name=field_mT
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ import sys
 
 import diffuse_cli  # noqa: F401  (DIALS environment before libtbx)
 from diffuse_cli import program
+from diffuse_cli.saxs_inputs import INPUT_PHIL, route_args
 
 phil_scope = program.parse_phil(
     """
@@ -69,12 +75,13 @@ input {
   mask = None
     .type = path
     .help = "DIALS mask (pickled tuple of flex.bool, True = usable) applied to "
-            "every image. A .pickle or .mask file given as a plain argument lands here."
+            "every image. A .pickle or .mask file given as a plain argument lands here. "
+            "With a .poni also EDF/HDF5/.npy (see input.saxs.mask_nonzero_is_masked)."
   merged = None
     .type = path
     .help = "diffuse.merge merged.npz: write the radial profile of the 3D map. "
             "A .npz file given as a plain argument lands here."
-}
+@INPUT_PHIL@}
 q = None
   .type = floats(value_min=0)
   .help = "|q| values (Å⁻¹, q_inv_angstrom = 4π sinθ/λ = 2π/d) for azimuthal profiles."
@@ -87,7 +94,7 @@ d = None
 hkl = None
   .type = ints(size=3)
   .multiple = True
-  .help = "Reflections for azimuthal profiles; |q| from the crystal model."
+  .help = "Reflections for azimuthal profiles; |q| from the crystal model, else from input.cif."
 q_tolerance = 0.02
   .type = float(value_min=0)
   .help = "Half width of the |q| band of an azimuthal profile (Å⁻¹, q_inv_angstrom)."
@@ -158,7 +165,7 @@ series {
   header_key = None
     .type = str
     .help = "Take the value from the image header line with this key (text "
-            "headers: CBF, SMV...). Special keys: timestamp (ISO date in the "
+            "headers: CBF, SMV...; EDF header keys; HDF5 datasets or attributes). Special keys: timestamp (ISO date in the "
             "header, seconds after the first image), exposure_time, wavelength, distance."
   filename_pattern = None
     .type = str
@@ -184,6 +191,10 @@ maps {
     .type = bool
     .help = "Display only: fill masked pixels from their centrosymmetric partner "
             "(same |q|, χ + 180°). The .npz keeps the unfilled arrays too."
+  field_direction = 1,0,0
+    .type = floats(size=3)
+    .help = "Field direction (DIALS lab frame) of the (q∥, q⊥) map: q∥ = q·b, "
+            "q⊥ along b × beam (docs/azimuthal_fit.md)."
 }
 output {
   directory = azimuthal_fit
@@ -195,7 +206,7 @@ output {
     .type = bool
     .help = "Per-image profile/fit plots and summary plots."
 }
-""",
+""".replace("@INPUT_PHIL@", INPUT_PHIL),
     program="azimuthal_fit",
 )
 
@@ -204,10 +215,11 @@ _MASK_EXT = (".pickle", ".pkl", ".mask")
 
 def _split_args(args):
     """Turn plain .npz / mask arguments into input.merged= / input.mask=."""
-    return program.plain_args_to_phil(args, [
+    args = program.plain_args_to_phil(args, [
         (lambda a: a.lower().endswith(".npz"), "input.merged"),
         (lambda a: a.lower().endswith(_MASK_EXT), "input.mask"),
     ])
+    return route_args(args)  # .poni, .cif, EDF/HDF5 images and masks (saxs_inputs)
 
 
 @program.entry_point("azimuthal_fit")

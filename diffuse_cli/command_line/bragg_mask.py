@@ -10,7 +10,8 @@ for diffuse), so dials.image_viewer and dials.apply_mask accept them.
 Bragg pixels are found either from the still's crystal model
 (method=predicted, default: every pixel near an allowed lattice point, with
 the region size estimated from the still's integrated reflections, which also
-masks weak peaks never observed) or from the reflection shoeboxes
+masks weak peaks never observed; rotation frames: a Gaussian peak model in
+fractional-hkl space fitted to the sweep's spots) or from the reflection shoeboxes
 (method=shoebox: Foreground/Strong pixels; run stills_process with
 integration.debug.output=True integration.debug.separate_files=False to keep
 them). See docs/bragg_mask.md.
@@ -78,11 +79,42 @@ predicted {
     .type = float(value_min=0)
     .help = "Spot radius in units of the profile model's sigma_b, added in"
             "quadrature to a percentile of the centroid residuals."
+  peak_model = *fitted mosaic
+    .type = choice
+    .help = "Rotation frames. fitted: a Gaussian peak in fractional-hkl offset"
+            "space fitted to the sweep's strong spots (mdx2's model), masked"
+            "within fit.n_sigma of every allowed lattice point. mosaic: a lattice"
+            "point is masked while it crosses the Ewald sphere within the frame"
+            "widened by n_sigma_m times the profile's sigma_m, within radius."
+  fit {
+    n_sigma = None
+      .type = float(value_min=0)
+      .help = "Mask radius of the fitted peak in its sigmas. Default: where the"
+              "median observed spot falls to background_fraction of the local"
+              "background, sqrt(2 ln(peak/background / background_fraction))."
+    background_fraction = 0.1
+      .type = float(value_min=0)
+      .help = "Peak excess, as a fraction of the local diffuse background, at"
+              "the edge of the mask of the median observed spot."
+    n_images = 10
+      .type = int(value_min=1)
+      .help = "Frames (evenly spaced) of each sweep whose spots are fitted."
+    background_size = 9
+      .type = int(value_min=3)
+      .help = "Side (pixels) of the median filter giving the local background."
+    outlier_sigma = 3.0
+      .type = float(value_min=0)
+      .help = "Spot pixels beyond this many sigmas of a first fit are dropped"
+              "before the second (final) fit."
+    min_spots = 20
+      .type = int(value_min=1)
+  }
   n_sigma_m = 3.0
     .type = float(value_min=0)
-    .help = "Rotation frames: a lattice point is masked on a frame when it"
-            "crosses the Ewald sphere within the frame's rotation range widened"
-            "by n_sigma_m times the profile model's mosaicity sigma_m on each side."
+    .help = "Rotation frames, peak_model=mosaic: a lattice point is masked on a"
+            "frame when it crosses the Ewald sphere within the frame's rotation"
+            "range widened by n_sigma_m times the profile model's mosaicity"
+            "sigma_m on each side."
   residual_percentile = 95
     .type = float(value_min=0, value_max=100)
     .help = "Percentile of the tangential centroid residuals (observed minus"

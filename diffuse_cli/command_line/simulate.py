@@ -341,25 +341,6 @@ output {
 )
 
 
-def _check_symmetry(params) -> None:
-    """Normalise space_group to cctbx's symbol; check the cell fits it."""
-    from cctbx import crystal, sgtbx, uctbx
-
-    try:
-        info = sgtbx.space_group_info(params.space_group)
-    except RuntimeError as e:
-        raise Sorry(f"space_group={params.space_group}: unknown space group") from e
-    try:
-        uc = uctbx.unit_cell(tuple(params.unit_cell))
-    except RuntimeError as e:
-        raise Sorry(f"Bad unit cell: {params.unit_cell}") from e
-    if not info.group().is_compatible_unit_cell(uc):
-        cell = ",".join(f"{x:g}" for x in params.unit_cell)
-        raise Sorry(f"unit_cell={cell}: not compatible with space_group {info}")
-    crystal.symmetry(unit_cell=uc, space_group_info=info)
-    params.space_group = str(info)
-
-
 @program.entry_point("simulate")
 def run(args=None, phil=phil_scope):
     parser = program.ArgumentParser(
@@ -375,8 +356,10 @@ def run(args=None, phil=phil_scope):
     program.log_diff_phil(parser)
     if params.scale_max < params.scale_min:
         raise Sorry("scale_max must not be smaller than scale_min")
-    _check_symmetry(params)
     from diffuse_cli.simulation import run_simulation
+    from diffuse_cli.simulation.crystal import check_symmetry
+
+    check_symmetry(params)
 
     t0 = time.perf_counter()
     summary = run_simulation(params, phil.format(python_object=params).as_str())

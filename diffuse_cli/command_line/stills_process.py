@@ -52,11 +52,10 @@ import glob
 import logging
 import os
 import sys
-import time
 
 import diffuse_cli  # noqa: F401  (DIALS environment before libtbx)
-from diffuse_cli import program, shared_detector
-from diffuse_cli.stills import drivers, inputs, records
+from diffuse_cli import program
+from diffuse_cli.stills import drivers
 
 from libtbx.utils import Sorry
 
@@ -144,6 +143,7 @@ output {
     program="stills_process",
 )
 
+
 def _expand_glob_args(args):
     """Expand quoted globs on the command line (missing matches stay as they are)."""
     out = []
@@ -191,102 +191,7 @@ def run(args=None, phil=phil_scope):
     if rank == 0:
         program.log_diff_phil(parser)
 
-    bad = [p for p in paths if p.endswith(".phil")]
-    if bad:
-        raise Sorry(f"PHIL file not understood: {bad[0]}")
-    for mask_path in (params.spotfinder.lookup.mask, params.integration.lookup.mask):
-        if mask_path is not None and not os.path.isfile(mask_path):
-            raise Sorry(f"File not found: {mask_path}")
-    if params.input.file_list is not None and not os.path.isfile(params.input.file_list):
-        raise Sorry(f"File not found: {params.input.file_list}")
-
-    items = config = None
-    if rank == 0:
-        all_paths = inputs.expand_paths(paths, params.input.glob, params.input.file_list)
-        if not all_paths:
-            raise Sorry("No input images given")
-        items = inputs.discover(all_paths, params.processing_mode)
-        if params.input.image_tag:
-            items = [it for it in items if it.tag in set(params.input.image_tag)]
-        if params.input.max_images:
-            items = items[: params.input.max_images]
-        if params.input.show_image_tags:
-            for it in items:
-                print(it.tag)
-            return None
-        os.makedirs(directory, exist_ok=True)
-        routes = {}
-        for it in items:
-            routes[it.route] = routes.get(it.route, 0) + 1
-        logger.info("%d input images; routes: %s", len(items),
-                    ", ".join(f"{k} {v}" for k, v in routes.items()))
-        for it in items:
-            if it.route in (inputs.ROUTE_ROTATION_AS_STILLS, inputs.ROUTE_SEQUENCE):
-                logger.info("  %s: rotation frame of %.3f deg (header width %.3f deg) -> route %s",
-                            it.tag, it.osc_width, it.header_osc_width, it.route)
-        config = records.Config(
-            params=params,
-            directory=directory,
-            fingerprint=records.params_fingerprint(parser.phil, params),
-            overwrite=params.overwrite,
-        )
-
-    t0 = time.perf_counter()
-
-    def report(i, row):
-        reason = f" ({row['reason']})" if row["reason"] else ""
-        extra = " [done earlier]" if row.get("resumed") else ""
-        logger.info("%s: %s%s, %d indexed, %d integrated%s", row["tag"], row["status"],
-                    reason, row["n_indexed"], row["n_integrated"], extra)
-
-    nproc = program.resolve_nproc(params.nproc)
-    if nproc == 1 and params.mp.nproc > 1:
-        nproc = params.mp.nproc
-
-    def run_items(batch):
-        if comm is not None:  # every rank takes part; rank 0 holds the batch
-            return drivers.run_mpi(batch, config, comm, on_result=report if rank == 0 else None)
-        return drivers.run_local(batch, config, nproc, on_result=report)
-
-    shared = params.rotation_frames.shared_detector and params.input.reference_geometry is None
-    min_frames = params.rotation_frames.shared_detector_min_frames
-    if shared and rank == 0:
-        shared_detector.use_stored(items, config, min_frames)
-    results = run_items(items)
-    again = None
-    if shared and rank == 0:
-        again = shared_detector.refine_datasets(items, [r[0] for r in results], config, min_frames)
-    if shared and comm is not None:
-        again = comm.bcast(again, root=0)
-    if again:
-        redone = run_items(again)
-        if rank == 0:
-            position = {it.tag: i for i, it in enumerate(items)}
-            for it, res in zip(again, redone):
-                results[position[it.tag]] = res
-    if rank != 0:
-        return None
-    elapsed = time.perf_counter() - t0
-
-    rows = [r[0] for r in results]
-    hists = [r[1] for r in results]
-    csv_path, json_path = drivers.write_summary(
-        rows, os.path.join(directory, params.output.summary_prefix)
-    )
-    expt_path, refl_path, n_combined = drivers.write_combined(
-        rows, directory, params.output.combined_prefix
-    )
-    if params.output.plots:
-        from diffuse_cli import qc_plots
-
-        qc_plots.make_all(rows, hists, directory)
-    logger.info("%s in %.1f s", drivers.summarise(rows), elapsed)
-    logger.info("Summary: %s", csv_path)
-    logger.info("Combined: %s, %s (%d experiments)", expt_path, refl_path, n_combined)
-    if n_combined == 0:
-        first = next((r for r in rows if r["reason"]), None)
-        why = f"; {first['image']}: {first['reason']}" if first else ""
-        raise Sorry(f"No image was indexed ({drivers.summarise(rows)}{why}); see {csv_path}")
+    return drivers.run_stills_process(params, paths, parser.phil, comm)
 
 
 if __name__ == "__main__":

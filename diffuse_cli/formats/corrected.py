@@ -88,11 +88,6 @@ def probe(path) -> str:
     return "still" if schema in STILL_SCHEMAS else "other"
 
 
-def is_still_file(path) -> bool:
-    """True for a per-still input of diffuse.merge (corrected still or plain observations)."""
-    return schema_of(path) in STILL_SCHEMAS
-
-
 def read_observations(path) -> dict:
     """The arrays (``hkl``, ``I``, ``sigma``, ...) of a plain-observations file, checked."""
     z = read_npz(path, OBSERVATIONS_SCHEMA, required=("hkl", "I", "sigma"))

@@ -75,3 +75,12 @@ def read_mask_any(path) -> np.ndarray:
         z = read_npz(path, MASK_BITS_SCHEMA, fields=("bits", "n_pixels"), required=("bits", "n_pixels"))
         return np.unpackbits(z["bits"], count=int(z["n_pixels"])).astype(bool)
     return read_mask(path)
+
+
+def read_mask_npy(path) -> np.ndarray:
+    """A NumPy ``.npy`` mask array as stored (no pickles); the caller applies its
+    convention (diffuse_cli.saxs_inputs.read_saxs_mask: a bool array is True = usable)."""
+    try:
+        return np.load(str(path), allow_pickle=False)
+    except ValueError as e:
+        raise Sorry(f"{path}: not a NumPy array file ({e})")

@@ -17,7 +17,8 @@ every run (a rerun rewrites it):
 
 The bragg_mask summary is also extract's input (``masks.summary``): each
 entry's ``image_path``, ``image_index``, ``frame`` and ``mask_bits`` (or
-``mask``) name the mask of one image.
+``mask``) name the mask of one image; a ``failed`` entry (same image fields,
+no mask) makes extract record that still as failed with bragg_mask's reason.
 """
 
 from __future__ import annotations

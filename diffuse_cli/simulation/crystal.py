@@ -16,6 +16,26 @@ import diffuse_cli  # noqa: F401  (DIALS environment)
 # --------------------------------------------------------------------------- symmetry
 
 
+def check_symmetry(params) -> None:
+    """Normalise diffuse.simulate's space_group to cctbx's symbol; check its unit_cell fits it."""
+    from cctbx import crystal, sgtbx, uctbx
+    from libtbx.utils import Sorry
+
+    try:
+        info = sgtbx.space_group_info(params.space_group)
+    except RuntimeError as e:
+        raise Sorry(f"space_group={params.space_group}: unknown space group") from e
+    try:
+        uc = uctbx.unit_cell(tuple(params.unit_cell))
+    except RuntimeError as e:
+        raise Sorry(f"Bad unit cell: {params.unit_cell}") from e
+    if not info.group().is_compatible_unit_cell(uc):
+        cell = ",".join(f"{x:g}" for x in params.unit_cell)
+        raise Sorry(f"unit_cell={cell}: not compatible with space_group {info}")
+    crystal.symmetry(unit_cell=uc, space_group_info=info)
+    params.space_group = str(info)
+
+
 def laue_rotations(space_group: str) -> np.ndarray:
     """Matrices Q acting on Miller indices as columns, h' = Q h; shape (n, 3, 3).
 

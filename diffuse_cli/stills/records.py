@@ -1,7 +1,7 @@
 """Summary rows and resume bookkeeping of ``diffuse.stills_process``.
 
-A still is done when its done-record (``done/<tag>.json``, written atomically
-after its outputs) carries the key of its input file (path, size, mtime,
+A still is done when its done-record (``done/<tag>.json``,
+:mod:`diffuse_cli.formats.stills_process`, written atomically after its outputs) carries the key of its input file (path, size, mtime,
 frame, route, shared detector) and of the parameters that can change its
 result, and its outputs still exist.
 """
@@ -121,23 +121,3 @@ def item_key(item: Item, fingerprint: str) -> str:
 def _file_sha256(path: str) -> str:
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()
-
-
-def done_record_path(directory: str, tag: str) -> str:
-    return os.path.join(directory, "done", f"{tag}.json")
-
-
-def read_done_record(directory: str, item: Item, key: str) -> dict | None:
-    """The stored row if this still was completed with the same key and its outputs exist."""
-    path = done_record_path(directory, item.tag)
-    try:
-        with open(path) as fh:
-            record = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    if record.get("key") != key:
-        return None
-    for rel in record.get("outputs", []):
-        if not os.path.isfile(os.path.join(directory, rel)):
-            return None
-    return record

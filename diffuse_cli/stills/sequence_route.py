@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from diffuse_cli import program
+from diffuse_cli.formats.stills_process import read_done_record, write_done_record
 from diffuse_cli.stills.inputs import Item, distinct_images, one_line
 from diffuse_cli.stills.isolation import seed_random_generators, still_log
 from diffuse_cli.stills.records import (
@@ -24,10 +25,8 @@ from diffuse_cli.stills.records import (
     INDEXED,
     PARTIALITY_BINS,
     Config,
-    done_record_path,
     empty_row,
     item_key,
-    read_done_record,
 )
 from libtbx.utils import Sorry
 
@@ -171,7 +170,7 @@ def process_sequence_unit(items: list[Item], config: Config) -> list[tuple[dict,
     keys = [item_key(it, config.fingerprint) for it in items]
     group_key = hashlib.sha256("".join(keys).encode()).hexdigest()
     if not config.overwrite:
-        record = read_done_record(directory, Item(path="", tag=tag), group_key)
+        record = read_done_record(directory, tag, group_key)
         if record is not None:
             return [(dict(r, resumed=True), h) for r, h in zip(record["rows"], record["hists"])]
     t0 = time.perf_counter()
@@ -289,8 +288,5 @@ def process_sequence_unit(items: list[Item], config: Config) -> list[tuple[dict,
     elapsed = round(time.perf_counter() - t0, 3)
     for row in rows:
         row["time_s"] = elapsed
-    program.write_json(
-        done_record_path(directory, tag),
-        {"key": group_key, "rows": rows, "hists": hists, "outputs": outputs},
-    )
+    write_done_record(directory, tag, group_key, outputs, rows=rows, hists=hists)
     return list(zip(rows, hists))

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from diffuse_cli import program
+from diffuse_cli.formats.stills_process import read_done_record, write_done_record
 from diffuse_cli.stills.inputs import ROUTE_ROTATION_AS_STILLS, Item, distinct_images, one_line
 from diffuse_cli.stills.isolation import seed_random_generators, still_log
 from diffuse_cli.stills.records import (
@@ -28,10 +29,8 @@ from diffuse_cli.stills.records import (
     NOT_A_HIT,
     PARTIALITY_BINS,
     Config,
-    done_record_path,
     empty_row,
     item_key,
-    read_done_record,
 )
 
 logger = logging.getLogger("diffuse.processing")
@@ -234,7 +233,7 @@ def process_item(item: Item, config: Config) -> tuple[dict, list[int] | None]:
     directory = config.directory
     key = item_key(item, config.fingerprint)
     if not config.overwrite:
-        record = read_done_record(directory, item, key)
+        record = read_done_record(directory, item.tag, key)
         if record is not None:
             row = dict(record["row"])
             row["resumed"] = True
@@ -268,10 +267,7 @@ def process_item(item: Item, config: Config) -> tuple[dict, list[int] | None]:
         row["reason"] = f"internal error: {one_line(e)}"
         return row, None
     row["time_s"] = round(time.perf_counter() - t0, 3)
-    program.write_json(
-        done_record_path(directory, item.tag),
-        {"key": key, "row": row, "outputs": outputs, "partiality_hist": hist},
-    )
+    write_done_record(directory, item.tag, key, outputs, row=row, partiality_hist=hist)
     return row, hist
 
 
