@@ -1,7 +1,8 @@
 """q-space maps of one image: ``<stem>_maps.npz`` (schema ``diffuse.azimuthal_maps/1``).
 
 Written by diffuse.azimuthal_fit (``maps/``) next to the pictures of the same
-maps. Fields (|q| = 1/d, inverse Ångström, no 2π):
+maps. Fields (azimuthal_fit's SAXS convention: q = 2π/d = 2π|s1 − s0|, Å⁻¹;
+docs/azimuthal_fit.md):
 
 * ``schema``;
 * ``qmap`` (n, n) float32 mean intensity on a (q_x, q_y) detector-plane grid
