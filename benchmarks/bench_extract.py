@@ -48,7 +48,7 @@ def main(n_stills: int = 4) -> dict:
 
     from diffuse_cli import corrections
     from diffuse_cli import extraction as ex
-    from diffuse_cli.command_line import correct as correct_cli
+    from diffuse_cli import correct_driver
     from diffuse_cli import masking as mk
     from diffuse_cli import program
     from diffuse_cli.formats.factors import factors_filename
@@ -100,7 +100,7 @@ def main(n_stills: int = 4) -> dict:
             if t_factors is None:  # per detector, once (like the geometry cache)
                 t1 = time.perf_counter()
                 key = arrays["geometry_key"]
-                correct_cli.make_factors(
+                correct_driver.make_factors(
                     corr_dir / factors_filename(key), key, expt.detector, expt.beam,
                     ex.geometry_path(out_dir, key), corrections.CorrectionOptions(),
                 )
@@ -111,7 +111,7 @@ def main(n_stills: int = 4) -> dict:
                 "background_constant_sigma": 0.0, "background_file": "", "provenance_key": "bench", "provenance": {}, "experiment_index": i,
             }
             t1, c1 = time.perf_counter(), time.process_time()
-            correct_cli.correct_still(task)
+            correct_driver.correct_still(task)
             corr_times.append(time.perf_counter() - t1)
             corr_cpu.append(time.process_time() - c1)
             corr_sizes.append(os.path.getsize(task["output"]))

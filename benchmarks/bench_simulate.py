@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import diffuse_cli  # noqa: E402,F401
 from diffuse_cli import cbf_writer, simulate  # noqa: E402
-from diffuse_cli.command_line.simulate import _check_symmetry, phil_scope  # noqa: E402
+from diffuse_cli.command_line.simulate import phil_scope  # noqa: E402
+from diffuse_cli.simulation.crystal import check_symmetry  # noqa: E402
 
 
 def main(argv):
@@ -31,7 +32,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         user = libtbx.phil.parse("\n".join([f"n_stills={n}", f"output.directory={tmp}"] + argv[1:]))
         params = phil_scope.fetch(user).extract()
-        _check_symmetry(params)
+        check_symmetry(params)
 
         w0, c0 = time.perf_counter(), time.process_time()
         sim = simulate.Simulator.from_params(params)
