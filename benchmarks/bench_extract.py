@@ -109,7 +109,13 @@ def main(n_stills: int = 4) -> dict:
                 "source": str(path), "output": str(corr_dir / path.name), "gain": 1.0,
                 "background_mode": "none", "background_constant": 0.0,
                 "background_constant_sigma": 0.0, "background_file": "", "provenance_key": "bench", "provenance": {}, "experiment_index": i,
+                # per-shot normalisation and λ-dependent coefficients, as correct_driver's task builder sets them
+                "normalisation": "unit", "normalisation_value": 1.0, "normalisation_source": "benchmark",
+                "wavelength": expt.beam.get_wavelength(),
+                **corrections.wavelength_coefficients(expt.detector, expt.beam.get_wavelength(),
+                                                      corrections.CorrectionOptions()),
             }
+            task["at_reference"] = True  # the factors were made for this still's detector and beam
             t1, c1 = time.perf_counter(), time.process_time()
             correct_driver.correct_still(task)
             corr_times.append(time.perf_counter() - t1)
