@@ -28,16 +28,41 @@ def shared_data_dir() -> pathlib.Path | None:
     return None
 
 
+#: session fixtures whose tests must all run on one pytest-xdist worker (DIALS once per dataset)
+SESSION_GROUPS = ("processed_real", "readme_chain_run")
+
+
+def _module_fixtures(item) -> set:
+    """Names of the module/class-scoped fixtures an item uses (directly or not)."""
+    defs = item._fixtureinfo.name2fixturedefs
+    return {name for name, d in defs.items() if d and d[-1].scope in ("module", "class", "package")}
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``), keep each
     module's tests on one worker, so module fixtures run once, and every test of
-    the session-wide DIALS runs (``processed_real``) on the same worker, so DIALS
-    processes each real dataset once per test run."""
+    the session-wide DIALS runs (``processed_real``, ``readme_chain_run``) on one
+    worker, so DIALS processes each dataset once per test run. A module whose
+    module fixture is used both by such tests and by others goes whole to that
+    group (else the module fixture would run on both workers)."""
+    by_module: dict = {}
     for item in items:
-        shared = [f for f in ("processed_real", "readme_chain_run") if f in item.fixturenames]
-        group = shared[0] if shared else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        by_module.setdefault(item.module.__name__, []).append(item)
+    for module, module_items in by_module.items():
+        group_of = {}
+        for item in module_items:
+            shared = [g for g in SESSION_GROUPS if g in item.fixturenames]
+            group_of[item] = shared[0] if shared else module
+        for g in SESSION_GROUPS:
+            inside = set().union(*(_module_fixtures(i) for i in module_items if group_of[i] == g))
+            outside = set().union(*(_module_fixtures(i) for i in module_items if group_of[i] == module))
+            if inside & outside:
+                for i in module_items:
+                    if group_of[i] == module:
+                        group_of[i] = g
+        for item in module_items:
+            item.add_marker(pytest.mark.xdist_group(group_of[item]))
 
 
 @pytest.fixture(scope="session")
