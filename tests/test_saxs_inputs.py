@@ -257,23 +257,24 @@ def test_radial_profile_agrees_with_pyfai_integrate1d(edf_series, tmp_path):
     ai = saxs_inputs.load_poni(str(poni))
     res = ai.integrate1d(fabio.open(str(image)).data.astype(np.float64), 200, unit="q_A^-1", radial_range=(0.2, 1.1),
                          correctSolidAngle=False, polarization_factor=None, mask=mask,
-                         method=("no", "histogram", "cython"))
+                         method=("no", "histogram", "python"))  # pyFAI's numpy histogram path
     assert np.allclose(res.radial, q, rtol=1e-6)  # pyFAI bins in float32
     n = np.array([int(r["n_pixels"]) for r in ours])
     ok = np.isfinite(I) & (res.intensity > 0)
     assert ok.sum() > 190
     rel = np.abs(I[ok] / res.intensity[ok] - 1)
     # pyFAI places pixels by float32 |q|: a pixel within ~1e-7 of a bin edge
-    # can land in the neighbouring bin. Bins whose pixel count (from pyFAI's
-    # own q array) equals ours must agree within 0.5 %; a few may differ.
+    # can land in the neighbouring bin, which moves that bin's mean by up to a
+    # few 0.1 %. Bins whose pixel count (from pyFAI's own q array) equals ours
+    # agree to float precision.
     q32 = ai.array_from_unit(SHAPE, "center", "q_A^-1")[~mask.astype(bool)]
     n_pyfai = np.histogram(q32, bins=200, range=(0.2, 1.1))[0]
     same = n_pyfai[ok] == n[ok]
     same[[0, -1]] = False  # the range ends: pyFAI clips radial_range in float32 too
     print("radial profile vs pyFAI integrate1d: max rel", np.max(rel[same]), "median", np.median(rel),
           "bins with another pixel count", int((~same).sum()), "their max rel", np.max(rel[~same], initial=0))
-    assert np.count_nonzero(~same) <= 6
-    assert np.max(rel[same]) < 0.005
+    assert np.max(rel) < 0.005  # every bin within 0.5 % (the target)
+    assert np.max(rel[same]) < 1e-5  # bins holding the same pixels: the same numbers
     assert np.median(rel) < 1e-6
 
 
