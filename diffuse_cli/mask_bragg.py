@@ -266,14 +266,7 @@ def predicted_bragg_mask(
     r2 = np.float32(shape.radius**2)
     f32 = np.float32
     out = np.zeros(geometry.n_pixels, dtype=bool)
-    for start in range(0, geometry.n_pixels, _CHUNK):
-        stop = min(start + _CHUNK, geometry.n_pixels)
-        s1 = geometry.s1[start:stop]
-        idx = None
-        if select is not None:
-            idx = np.flatnonzero(select[start:stop])
-            s1 = s1[idx]
-        q = [s1[:, i] - f32(s0[i]) for i in range(3)]
+    for sl, idx, s1, q in pixel_q_chunks(geometry, select):
         h = [np.rint(q[0] * f32(M_inv[j, 0]) + q[1] * f32(M_inv[j, 1]) + q[2] * f32(M_inv[j, 2])) for j in range(3)]
         G = [h[0] * f32(M[i, 0]) + h[1] * f32(M[i, 1]) + h[2] * f32(M[i, 2]) for i in range(3)]
         dq = [q[i] - G[i] for i in range(3)]
@@ -292,16 +285,32 @@ def predicted_bragg_mask(
         cand = np.flatnonzero(hit)
         if cand.size:
             hkl = np.stack([h[j][cand] for j in range(3)], axis=1).astype(np.int64)
-            uniq, inverse = np.unique(_hkl_key(hkl), return_inverse=True)
-            first = np.zeros(uniq.size, dtype=np.int64)
-            first[inverse] = np.arange(inverse.size)
-            absent = space_group.is_sys_absent(_miller(hkl[first])).as_numpy_array()
-            hit[cand[absent[inverse]]] = False
-        if idx is None:
-            out[start:stop] = hit
-        else:
-            out[start + idx] = hit
+            hit[cand[_absent(hkl, space_group)]] = False
+        store_chunk(out, sl, idx, hit)
     return out
+
+
+def pixel_q_chunks(geometry, select=None):
+    """Chunks of a detector's pixels: (slice, idx, s1, q) with s1 (n, 3) float32 (Å⁻¹) and
+    q = s1 − s0 as three float32 columns; idx: the selected pixels' offsets in the chunk
+    (None: all). Chunks bound the float32 temporaries of the per-pixel mask tests."""
+    s0 = np.asarray(geometry.s0, dtype=np.float64)
+    for start in range(0, geometry.n_pixels, _CHUNK):
+        sl = slice(start, min(start + _CHUNK, geometry.n_pixels))
+        s1 = geometry.s1[sl]
+        idx = None
+        if select is not None:
+            idx = np.flatnonzero(select[sl])
+            s1 = s1[idx]
+        yield sl, idx, s1, [s1[:, i] - np.float32(s0[i]) for i in range(3)]
+
+
+def store_chunk(out: np.ndarray, sl: slice, idx, values) -> None:
+    """Put one chunk's results (of pixel_q_chunks) into the flat per-pixel array."""
+    if idx is None:
+        out[sl] = values
+    else:
+        out[sl.start + idx] = values
 
 
 def _hkl_key(hkl: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ import diffuse_cli  # noqa: F401  (DIALS environment)
 from libtbx.utils import Sorry
 
 from diffuse_cli.extraction import DetectorGeometry
-from diffuse_cli.mask_bragg import _CHUNK, BraggShape, _absent, _hkl_key, _profile_sigma_m, predicted_bragg_mask
+from diffuse_cli.mask_bragg import (BraggShape, _absent, _hkl_key, _profile_sigma_m, pixel_q_chunks,
+                                   predicted_bragg_mask, store_chunk)
 
 
 def rotation_bragg_mask(
@@ -287,20 +288,12 @@ def fitted_bragg_mask(geometry: DetectorGeometry, M: np.ndarray, space_group, mo
     M = np.asarray(M, dtype=np.float64).reshape(3, 3)
     M_inv = np.linalg.inv(M)
     P = np.linalg.inv(np.asarray(model.covariance, dtype=np.float64))
-    s0 = np.asarray(geometry.s0, dtype=np.float64)
     f32 = np.float32
     n_max = model.n_sigma if model.n_sigma_of is None or not model.n_sigma_of.size else max(
         model.n_sigma, float(model.n_sigma_of.max()))
     n2 = f32(n_max**2)
     out = np.zeros(geometry.n_pixels, dtype=bool)
-    for start in range(0, geometry.n_pixels, _CHUNK):
-        stop = min(start + _CHUNK, geometry.n_pixels)
-        s1 = geometry.s1[start:stop]
-        idx = None
-        if select is not None:
-            idx = np.flatnonzero(select[start:stop])
-            s1 = s1[idx]
-        q = [s1[:, i] - f32(s0[i]) for i in range(3)]
+    for sl, idx, _, q in pixel_q_chunks(geometry, select):
         x = [q[0] * f32(M_inv[j, 0]) + q[1] * f32(M_inv[j, 1]) + q[2] * f32(M_inv[j, 2]) for j in range(3)]
         h = [np.rint(v) for v in x]
         d = [x[j] - h[j] - f32(model.center[j]) for j in range(3)]
@@ -310,8 +303,5 @@ def fitted_bragg_mask(geometry: DetectorGeometry, M: np.ndarray, space_group, mo
         if cand.size:
             hkl = np.stack([h[j][cand] for j in range(3)], axis=1).astype(np.int64)
             hit[cand[(d2[cand] > model.n_sigma_at(_hkl_key(hkl)) ** 2) | _absent(hkl, space_group)]] = False
-        if idx is None:
-            out[start:stop] = hit
-        else:
-            out[start + idx] = hit
+        store_chunk(out, sl, idx, hit)
     return out
