@@ -16,6 +16,21 @@ Usage:
   python benchmarks/bench_merge.py                    # 1e9 observations, 15 M-voxel grid
   python benchmarks/bench_merge.py --n-obs 2e7 --grid small --json
   python benchmarks/bench_merge.py --numpy            # the numpy bincount fallback
+
+End to end (issue 12): diffuse.merge as a user runs it, from corrected files to the
+written maps and statistics, in a child process; CPU = user + system time of the
+child (resource.getrusage(RUSAGE_CHILDREN)), observations = merged.npz's
+n_observations (observations merged inside the resolution range). With
+``--stills a,b`` it runs twice (the first a, then b files) and also reports the
+marginal rate Δobservations / ΔCPU, which leaves out the per-run costs (imports,
+experiments, ASU map, per-detector factors, writing the map and pictures):
+
+  python benchmarks/bench_merge.py --end-to-end combined.expt corrected/ --stills 2,4 \\
+      -- ndiv=3 d_min=2.5 space_group=P41212      # thaumatin stills: < 3 min
+
+Peak memory of a merge on a 100 Å cubic P1 cell at 1.5 Å, ndiv=3 (issue 12, item 3):
+
+  python benchmarks/bench_merge.py --rss-100A --pool 4 --n-side 1000
 """
 
 from __future__ import annotations
@@ -67,8 +82,92 @@ def make_pool(unit_cell, n_pool: int, n_side: int, seed: int = 0):
     return pool
 
 
+def end_to_end(expt: str, corrected: str, n_files: int | None, merge_args: list[str], workdir: str) -> dict:
+    """One diffuse.merge run in a child process on the first ``n_files`` corrected stills."""
+    import glob
+    import os
+    import subprocess
+
+    from diffuse_cli.merge_inputs import corrected_files
+
+    files = corrected_files([corrected])[:n_files] if os.path.isdir(corrected) else sorted(glob.glob(corrected))
+    out = os.path.join(workdir, f"merged_{len(files)}")
+    cmd = [sys.executable, "-c", "import sys; from diffuse_cli.command_line.merge import run; run(sys.argv[1:])",
+           expt, *files, *merge_args,
+           f"output.directory={out}", f"output.log={out}.log"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    n_obs = int(np.load(os.path.join(out, "merged.npz"))["n_observations"])
+    return {"n_stills": len(files), "n_observations": n_obs, "cpu_seconds": cpu,
+            "user_seconds": after.ru_utime - before.ru_utime, "system_seconds": after.ru_stime - before.ru_stime,
+            "wall_seconds": wall, "obs_per_cpu_second": n_obs / cpu, "maxrss_mb_child": after.ru_maxrss / 1024.0}
+
+
+def main_end_to_end(args, merge_args) -> dict:
+    import tempfile
+
+    counts = [int(x) for x in args.stills.split(",")] if args.stills else [None]
+    with tempfile.TemporaryDirectory(prefix="bench_merge_") as work:
+        runs = [end_to_end(args.end_to_end[0], args.end_to_end[1], n, merge_args, work) for n in counts]
+    out = {"runs": runs}
+    if len(runs) == 2:
+        a, b = runs
+        out["marginal_obs_per_cpu_second"] = ((b["n_observations"] - a["n_observations"])
+                                              / (b["cpu_seconds"] - a["cpu_seconds"]))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for r in runs:
+            print(f"{r['n_stills']} stills: {r['n_observations']} observations merged, CPU {r['cpu_seconds']:.2f} s "
+                  f"(user {r['user_seconds']:.2f}, system {r['system_seconds']:.2f}), wall {r['wall_seconds']:.2f} s, "
+                  f"{r['obs_per_cpu_second'] / 1e6:.2f} M obs per CPU-second, child maxrss {r['maxrss_mb_child']:.0f} MB")
+        if "marginal_obs_per_cpu_second" in out:
+            print(f"marginal: {out['marginal_obs_per_cpu_second'] / 1e6:.2f} M obs per CPU-second")
+    return out
+
+
+def main_rss_100A(args) -> dict:
+    """Peak RSS of one serial merge (issue 12, item 3): 100 Å cubic cell, P1, d_min 1.5 Å,
+    ndiv=3, a few synthetic stills (scaling on), then the driver's full-grid outputs
+    (I, σ, counts expanded and d* of every voxel) as diffuse.merge builds them."""
+    from diffuse_cli.merge_statistics import grid_d_star
+    from diffuse_cli.merging import ListSource, scale_and_merge
+
+    cell, d_min, ndiv = (100.0, 100.0, 100.0, 90, 90, 90), 1.5, 3
+    laue = LaueSymmetry("P1")
+    grid = HKLGrid.for_resolution(ndiv, cell, d_min)
+    pool = make_pool(cell, args.pool, args.n_side)
+    stills = [{"hkl": h, "I": I, "sigma": s} for h, I, s in pool]
+    rss0 = maxrss_mb()
+    c0 = time.process_time()
+    res = scale_and_merge(ListSource(stills), grid, laue, cell, d_min=d_min, max_iterations=2)
+    rss_merge = maxrss_mb()
+    m = res.merged
+    full = [m.expand(m.I), m.expand(m.sigma), m.expand(m.counts, fill=0), grid_d_star(grid, cell)]
+    out = {"grid_shape": list(grid.shape), "n_voxels": grid.n_voxels,
+           "n_compact_voxels": int(np.sum(m.lut == np.arange(m.lut.size))), "n_stills": len(stills),
+           "n_observations": res.n_observations, "cpu_seconds": time.process_time() - c0,
+           "maxrss_mb_before_merge": rss0, "maxrss_mb_after_merge": rss_merge,
+           "maxrss_mb_with_outputs": maxrss_mb(), "target_mb": 1536}
+    del full
+    print(json.dumps(out) if args.json else "\n".join(f"{k:>26}: {v}" for k, v in out.items()))
+    return out
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    merge_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--end-to-end", nargs=2, metavar=("EXPT", "CORRECTED"),
+                    help="time diffuse.merge end to end (parameters for it after --)")
+    ap.add_argument("--stills", help="with --end-to-end: numbers of stills, e.g. 2,4 (marginal rate)")
+    ap.add_argument("--rss-100A", action="store_true",
+                    help="peak RSS of a merge on a 100 Å P1 cell at 1.5 Å, ndiv=3 (use --pool, --n-side)")
     ap.add_argument("--n-obs", type=float, default=1e9)
     ap.add_argument("--grid", choices=sorted(GRIDS), default="large")
     ap.add_argument("--pool", type=int, default=6, help="distinct stills to cycle")
@@ -78,6 +177,10 @@ def main(argv=None):
     ap.add_argument("--shuffle", action="store_true", help="random pixel order (worst case)")
     ap.add_argument("--json", action="store_true", help="print one JSON line only")
     args = ap.parse_args(argv)
+    if args.end_to_end:
+        return main_end_to_end(args, merge_args)
+    if args.rss_100A:
+        return main_rss_100A(args)
 
     cell, sg, d_min, ndiv = GRIDS[args.grid]
     laue = LaueSymmetry(sg)

@@ -397,6 +397,18 @@ def used_pixels(mask_bits: np.ndarray, n_pixels: int) -> np.ndarray:
     return np.flatnonzero(np.unpackbits(np.asarray(mask_bits, dtype=np.uint8), count=int(n_pixels)))
 
 
+#: number of set bits of each byte value
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)
+
+
+def count_used(mask_bits: np.ndarray, n_pixels: int) -> int:
+    """Number of used pixels from packed mask bits (the padding bits past n_pixels are 0)."""
+    bits = np.asarray(mask_bits, dtype=np.uint8)
+    if bits.size != (int(n_pixels) + 7) // 8:
+        raise ValueError(f"{bits.size} mask bytes for {n_pixels} pixels")
+    return int(np.bincount(bits, minlength=256) @ _POPCOUNT)
+
+
 def still_background(still: dict, pixels: np.ndarray, background: dict | None):
     """Background (ADU) and its variance for the used pixels of a corrected still."""
     mode = str(still["background_mode"])
@@ -472,7 +484,8 @@ def _referenced_extract(corrected_file, still: dict) -> dict:
     return extract.read_extract_arrays(path, fields=("mask_bits", "A", "s0", *extract.COUNT_ARRAYS))
 
 
-def load_observations(corrected_file, cache: dict | None = None, with_pixels: bool = False) -> dict:
+def load_observations(corrected_file, cache: dict | None = None, with_pixels: bool = False,
+                      with_hkl: bool = True) -> dict:
     """Observations of one corrected still, for diffuse.merge.
 
     Reads ``corrected_file`` (schema diffuse.correct/3), the extracted file it
@@ -493,6 +506,11 @@ def load_observations(corrected_file, cache: dict | None = None, with_pixels: bo
     * ``pixel`` (N,) int64 pixel indices, if ``with_pixels``; then also
       ``panel``, ``fast``, ``slow`` (N,) int64, ``panel_shapes`` (P, 2)
       (n_slow, n_fast) and ``s1_xy`` (N, 2) float32, the lab x, y of ŝ1.
+
+    With ``with_hkl=False`` (diffuse.merge computes voxel indices itself, once
+    per still) ``hkl`` and ``d_star`` are left out; instead ``pixel``, ``q_unit`` (the
+    per-detector (n_pixels, 3) float32 ŝ1 − ŝ0, not gathered) and
+    ``hkl_matrix`` ((λA)⁻¹, 3×3 float64: hkl = hkl_matrix · q_unit[pixel]).
 
     The multipliers are the still's own: at its wavelength, from the
     per-detector direction-only factors and path lengths (:func:`shot_total`).
@@ -538,19 +556,23 @@ def load_observations(corrected_file, cache: dict | None = None, with_pixels: bo
     intensity, sigma = corrected_intensity(
         counts, total, norm, gain=float(still["gain"]), background=bg, background_variance=bg_var
     )
+    # q = (ŝ1 − ŝ0)/λ, so A⁻¹q = (λA)⁻¹(ŝ1 − ŝ0)
+    A_scaled = np.asarray(still["A"], dtype=np.float64).reshape(3, 3) * wavelength
     out = {
-        # q = (ŝ1 − ŝ0)/λ, so A⁻¹q = (λA)⁻¹(ŝ1 − ŝ0)
-        "hkl": hkl_from_q(factors["q_unit"][pixels], np.asarray(still["A"], dtype=np.float64) * wavelength),
         "I": intensity,
         "sigma": sigma,
         # Poisson variance added per unit of corrected intensity (multiplier/N;
         # gain cancels): lets diffuse.merge weight by EXPECTED, not observed, counts
         "variance_per_intensity": total / norm,
-        "d_star": factors["d_unit"][pixels].astype(np.float64) / wavelength,
         "still_id": str(still["still_id"]),
         "experiment_index": int(still["experiment_index"]),
         "normalisation": str(still["normalisation"]),
     }
+    if with_hkl:
+        out["hkl"] = hkl_from_q(factors["q_unit"][pixels], A_scaled)
+        out["d_star"] = factors["d_unit"][pixels].astype(np.float64) / wavelength
+    else:
+        out["pixel"], out["q_unit"], out["hkl_matrix"] = pixels, factors["q_unit"], np.linalg.inv(A_scaled)
     if with_pixels:
         out["pixel"] = pixels
         # pixel position and direction, for diffuse.merge's detector and absorption terms

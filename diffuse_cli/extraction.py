@@ -3,7 +3,7 @@
 The unit direction ŝ1 of every pixel centre is computed once per detector
 (and beam direction; never per wavelength) and cached in
 ``geometry_<key>.npz`` (schema ``diffuse.geometry/2``); each still then only
-stores what cannot be recomputed (schema ``diffuse.extract/2``): the packed
+stores what cannot be recomputed (schema ``diffuse.extract/3``): the packed
 total mask, the counts of the used pixels, the setting matrix ``A``
 (q = A·hkl), its beam s0 (so s1 = ŝ1/λ) and the exposure time (0 for XFEL
 shots).
@@ -37,6 +37,7 @@ from diffuse_cli.formats import summaries
 from diffuse_cli.formats.common import CORRUPT
 from diffuse_cli.formats.extract import (  # noqa: F401  (re-exported: the readers' old home)
     EXTRACT_SCHEMA,
+    SAMPLE_STRIDE,
     Extracted,
     is_complete,
     read_extract,
@@ -283,8 +284,9 @@ def trusted_mask(detector, counts: np.ndarray, geometry: DetectorGeometry) -> np
     off = geometry.panel_offsets
     for i, panel in enumerate(detector):
         lo, hi = panel.get_trusted_range()
-        c = counts[off[i] : off[i + 1]]
-        out[off[i] : off[i + 1]] = (c > lo) & (c < hi)
+        sl = slice(off[i], off[i + 1])
+        np.greater(counts[sl], lo, out=out[sl])
+        out[sl] &= counts[sl] < hi
     return out
 
 
@@ -358,11 +360,14 @@ def extract_still(experiment, ref: StillRef, mask: np.ndarray, geometry: Detecto
         raise Sorry(f"{ref.name}: image has {counts.size} pixels, geometry {geometry.n_pixels}")
     if mask.size != counts.size:
         raise Sorry(f"{ref.name}: mask has {mask.size} pixels, image {counts.size}")
-    used = mask & trusted_mask(experiment.detector, counts, geometry)
+    used = trusted_mask(experiment.detector, counts, geometry)
+    used &= mask
     A = setting_matrix(experiment.crystal, experiment.goniometer, experiment.scan, ref.frame)
+    stride = SAMPLE_STRIDE  # the summary sample of diffuse.correct (formats.extract.sample_pixels)
     return {
         "mask": used,
         "counts": counts[used],
+        "sample": counts[::stride][used[::stride]],
         "A": A,
         "exposure_time": exposure_time(experiment, ref.image_index),
         "geometry_key": geometry.key,

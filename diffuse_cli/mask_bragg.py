@@ -22,6 +22,11 @@ The two sizes are estimated per still from its integrated reflections
 * radius = sqrt((n_sigma_b · σ_b)² + (99th percentile of |Δq_t|)²) where
   σ_b = sigma_b(rad)/λ is the profile model's spot width in Å⁻¹ (the beam
   divergence of DIALS's gaussian_rs model) and |Δq_t| the centroid residual.
+
+Stills indexed but not integrated (diffuse.stills_process ``integration.sample``)
+take the medians of the integrated stills' terms (:class:`SampleSize`): the
+excitation as a factor on their own mosaic envelope, the centroid residual,
+with their own σ_b.
 """
 
 from __future__ import annotations
@@ -116,13 +121,15 @@ def excitation_error(G: np.ndarray, s0) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", Gs, Gs)) - np.linalg.norm(s0)
 
 
-def estimate_bragg_shape(experiment, reflections, params) -> BraggShape:
+def estimate_bragg_shape(experiment, reflections, params, sample: "SampleSize | None" = None) -> BraggShape:
     """Excitation and radius (Å⁻¹) for one still, from its integrated reflections.
 
     params: the ``predicted`` scope (excitation, radius, radius_px,
     excitation_factor, n_sigma_b, min_i_over_sigma, min_reflections, shape).
     User values win; estimated values need at least min_reflections
-    reflections with I/σ(I) >= min_i_over_sigma.
+    reflections with I/σ(I) >= min_i_over_sigma. A still without integrated
+    intensities (stills_process's XFEL mode, ``integration.sample``) takes the
+    size terms of the integrated ``sample`` (:func:`sample_size`) when given.
     """
     scale = pixel_scale(experiment.detector, experiment.beam)
     excitation = params.excitation
@@ -131,6 +138,8 @@ def estimate_bragg_shape(experiment, reflections, params) -> BraggShape:
         radius = params.radius_px * scale
     n_refl = 0
     excitation_slope = 0.0
+    if (excitation is None or radius is None) and sample is not None and not has_intensities(reflections):
+        return sample.shape_for(experiment, params, excitation, radius)
     if excitation is None or radius is None:
         if reflections is None or len(reflections) == 0:
             raise Sorry(
@@ -138,39 +147,15 @@ def estimate_bragg_shape(experiment, reflections, params) -> BraggShape:
                 "reflections or set predicted.excitation and predicted.radius"
             )
         if excitation is None:
-            # every integrated reflection was predicted in diffraction by DIALS;
-            # with a mosaic crystal model (domain size D, half mosaicity η) the
-            # allowed |ε| grows as 1/D + η·d*: scale that envelope to the data
-            eps, d_star = _reflection_excitation(experiment, reflections)
-            eps = np.abs(eps)
-            envelope = _mosaic_envelope(experiment)
-            if envelope is None:
-                excitation = params.excitation_factor * float(np.percentile(eps, 100 * params.excitation_quantile))
-            else:
-                e0, slope = envelope
-                ratio = eps / (e0 + slope * d_star)
-                k = params.excitation_factor * float(np.percentile(ratio, 100 * params.excitation_quantile))
-                excitation, excitation_slope = k * e0, k * slope
+            excitation, excitation_slope, _ = _excitation_terms(experiment, reflections, params)
         if radius is None:
-            refl = reflections
-            if "intensity.sum.value" in refl:
-                I = refl["intensity.sum.value"].as_numpy_array()
-                V = refl["intensity.sum.variance"].as_numpy_array()
-                keep = (V > 0) & (I >= params.min_i_over_sigma * np.sqrt(np.maximum(V, 0)))
-                refl = refl.select(flex.bool(keep))
-            n_refl = len(refl)
-            if n_refl < params.min_reflections:
-                raise Sorry(
-                    f"Only {n_refl} reflections with I/sigma >= {params.min_i_over_sigma} "
-                    "to estimate the Bragg mask radius; set predicted.radius or predicted.radius_px"
-                )
-            _, dt = ewald_residuals(experiment, refl)
+            residual, n_refl = _residual_term(experiment, reflections, params)
             sigma_b = _profile_sigma_b(experiment)
             if sigma_b is None:
                 raise Sorry(
                     "The profile model gives no sigma_b: set predicted.radius or predicted.radius_px"
                 )
-            radius = float(np.hypot(params.n_sigma_b * sigma_b, np.percentile(dt, params.residual_percentile)))
+            radius = float(np.hypot(params.n_sigma_b * sigma_b, residual))
             if params.min_radius_px is not None:
                 radius = max(radius, params.min_radius_px * scale)
         n_refl = n_refl or len(reflections)
@@ -178,6 +163,121 @@ def estimate_bragg_shape(experiment, reflections, params) -> BraggShape:
         float(excitation), float(radius), params.shape,
         "estimated" if n_refl else "user", n_refl, float(excitation_slope),
     )
+
+
+def _excitation_terms(experiment, reflections, params):
+    """(excitation Å⁻¹, slope, k): k the factor on the crystal's mosaic envelope (None without one)."""
+    # every integrated reflection was predicted in diffraction by DIALS;
+    # with a mosaic crystal model (domain size D, half mosaicity η) the
+    # allowed |ε| grows as 1/D + η·d*: scale that envelope to the data
+    eps, d_star = _reflection_excitation(experiment, reflections)
+    eps = np.abs(eps)
+    envelope = _mosaic_envelope(experiment)
+    if envelope is None:
+        return params.excitation_factor * float(np.percentile(eps, 100 * params.excitation_quantile)), 0.0, None
+    e0, slope = envelope
+    ratio = eps / (e0 + slope * d_star)
+    k = params.excitation_factor * float(np.percentile(ratio, 100 * params.excitation_quantile))
+    return k * e0, k * slope, k
+
+
+def _residual_term(experiment, reflections, params) -> tuple[float, int]:
+    """Percentile (Å⁻¹) of the tangential centroid residuals of reflections with
+    I/σ(I) >= min_i_over_sigma, and how many there are (Sorry below min_reflections)."""
+    refl = reflections
+    if "intensity.sum.value" in refl:
+        I = refl["intensity.sum.value"].as_numpy_array()
+        V = refl["intensity.sum.variance"].as_numpy_array()
+        keep = (V > 0) & (I >= params.min_i_over_sigma * np.sqrt(np.maximum(V, 0)))
+        refl = refl.select(flex.bool(keep))
+    n_refl = len(refl)
+    if n_refl < params.min_reflections:
+        raise Sorry(
+            f"Only {n_refl} reflections with I/sigma >= {params.min_i_over_sigma} "
+            "to estimate the Bragg mask radius; set predicted.radius or predicted.radius_px"
+        )
+    _, dt = ewald_residuals(experiment, refl)
+    return float(np.percentile(dt, params.residual_percentile)), n_refl
+
+
+def has_intensities(reflections) -> bool:
+    """True when a still's table holds integrated reflections (flag ``integrated_sum``; the
+    strong spots of a still that was only indexed carry spot-finding sums, not this flag)."""
+    if reflections is None or len(reflections) == 0 or "intensity.sum.value" not in reflections:
+        return False
+    if "flags" not in reflections:  # a table without flags (not from DIALS): its sums are taken as integrated
+        return True
+    return reflections.get_flags(reflections.flags.integrated_sum).count(True) > 0
+
+
+@dataclass
+class SampleSize:
+    """Bragg-mask size terms of the integrated stills, for the stills indexed without integration.
+
+    Medians over the sample of each still's own estimate
+    (:func:`estimate_bragg_shape`): ``k``, the excitation as a multiple of
+    the crystal's mosaic envelope 1/D + η·d* (None when no sample crystal has
+    one), ``excitation`` (Å⁻¹, used for crystals without a mosaic model),
+    ``residual``, the tangential centroid-residual percentile (Å⁻¹), and
+    ``sigma_b`` (Å⁻¹, used when a still has no profile model).
+    """
+
+    k: float | None
+    excitation: float
+    residual: float
+    sigma_b: float
+    n_stills: int
+    n_reflections: int
+
+    def shape_for(self, experiment, params, excitation=None, radius=None) -> BraggShape:
+        """The shape of a still without integrated reflections: its own mosaic envelope
+        times k, and radius sqrt((n_sigma_b·σ_b)² + residual²) with its own profile's σ_b."""
+        scale = pixel_scale(experiment.detector, experiment.beam)
+        slope = 0.0
+        if excitation is None:
+            envelope = _mosaic_envelope(experiment)
+            if envelope is not None and self.k is not None:
+                excitation, slope = self.k * envelope[0], self.k * envelope[1]
+            else:
+                excitation = self.excitation
+        if radius is None:
+            sigma_b = _profile_sigma_b(experiment)
+            radius = float(np.hypot(params.n_sigma_b * (self.sigma_b if sigma_b is None else sigma_b), self.residual))
+            if params.min_radius_px is not None:
+                radius = max(radius, params.min_radius_px * scale)
+        return BraggShape(float(excitation), float(radius), params.shape, f"integration sample ({self.n_stills} stills)",
+                          self.n_reflections, float(slope))
+
+    def as_dict(self) -> dict:
+        return {"k": self.k, "excitation": self.excitation, "residual": self.residual,
+                "sigma_b": self.sigma_b, "n_stills": self.n_stills, "n_reflections": self.n_reflections}
+
+
+def sample_size(experiments, reflections: dict, params) -> SampleSize | None:
+    """:class:`SampleSize` from the stills with integrated intensities and a profile model.
+
+    reflections: ``{experiment index: table}``. None when no still qualifies.
+    """
+    k, exc, res, sig, n_refl = [], [], [], [], 0
+    for i, table in reflections.items():
+        sigma_b = _profile_sigma_b(experiments[i])
+        if sigma_b is None or not has_intensities(table):
+            continue
+        try:
+            residual, n = _residual_term(experiments[i], table, params)
+        except Sorry:  # too few strong reflections: that still's own mask fails, the sample goes on
+            continue
+        excitation, _, ki = _excitation_terms(experiments[i], table, params)
+        exc.append(excitation)
+        res.append(residual)
+        sig.append(sigma_b)
+        n_refl += n
+        if ki is not None:
+            k.append(ki)
+    if not exc:
+        return None
+    return SampleSize(float(np.median(k)) if k else None, float(np.median(exc)), float(np.median(res)),
+                      float(np.median(sig)), len(exc), n_refl)
 
 
 def _mosaic_envelope(experiment):

@@ -17,7 +17,8 @@ from scitbx.array_family import flex
 from diffuse_cli import provenance
 from diffuse_cli.extraction import raw_counts, trusted_mask
 from diffuse_cli.formats.masks import MASK_BITS_SCHEMA, read_mask_any, to_dials, write_mask_bits
-from diffuse_cli.mask_bragg import estimate_bragg_shape, pixel_scale, predicted_bragg_mask, _hkl_key
+from diffuse_cli.mask_bragg import (_hkl_key, estimate_bragg_shape, has_intensities, pixel_scale,
+                                    predicted_bragg_mask, sample_size)
 from diffuse_cli.mask_pixels import dynamic_mask, static_mask, strong_pixel_mask
 from diffuse_cli.mask_plots import write_png
 from diffuse_cli.mask_rotation import fit_peak_model, fitted_bragg_mask, peak_observations, rotation_bragg_mask
@@ -124,7 +125,8 @@ def bragg_mask_for_image(refs, experiments, reflections, geometry, params, valid
             cache = _STATE.setdefault("shapes", {})
             shape = cache.get(ref.experiment_index)
             if shape is None:
-                shape = cache[ref.experiment_index] = estimate_bragg_shape(expt, refl, params.predicted)
+                shape = cache[ref.experiment_index] = estimate_bragg_shape(
+                    expt, refl, params.predicted, _STATE.get("bragg_sample"))
             sg = expt.crystal.get_space_group()
             if ref.frame is not None:
                 bragg |= rotation_bragg_mask(geometry, expt, ref.frame, shape,
@@ -153,6 +155,9 @@ def _mask_provenance(refs, key) -> dict:
         ],
         "params": st["params_fingerprint"],
     }
+    # a still indexed without integration takes its size from the integrated sample
+    if st.get("bragg_sample") is not None and any(r.experiment_index in st["uses_sample"] for r in refs):
+        parts["bragg_sample"] = st["bragg_sample"].as_dict()
     # a fitted peak model depends on the sweep's other frames too
     models = [st.get("peak_model_fingerprint", {}).get(r.experiment_index) for r in refs]
     if any(models):
@@ -397,7 +402,17 @@ def run_bragg_mask(experiments, reflections, params, reflection_file: str = "ref
             peak_models = fit_peak_models(groups, experiments, geometry_by_key, static_by_key, params)
         finally:
             _STATE.clear()
+    # stills indexed without integration (stills_process integration.sample): size from the sample
+    bragg_sample, uses_sample = None, set()
+    if params.method == "predicted" and reflections is not None:
+        uses_sample = {i for i, t in reflections.items() if not has_intensities(t)}
+        if uses_sample:
+            bragg_sample = sample_size(experiments, reflections, params.predicted)
+        if bragg_sample is not None:
+            logger.info("%d stills without integrated reflections take their Bragg mask size from the %d "
+                        "integrated ones: %s", len(uses_sample), bragg_sample.n_stills, bragg_sample.as_dict())
     _STATE.update(
+        bragg_sample=bragg_sample, uses_sample=uses_sample,
         peak_models=peak_models,
         peak_model_fingerprint={
             i: provenance.array_fingerprint(

@@ -294,3 +294,260 @@ class MergedMap:
         ok = rep >= 0
         out[ok] = self.I[rep[ok]]
         return out
+
+
+# ---------------------------------------------------------------- compact (ASU) storage
+#
+# The scaling passes of diffuse.merge work on observations whose ASU voxel is
+# computed once per still (:func:`diffuse_cli.merge_prepared.prepare_still`): an int32
+# index into the ASU voxels inside the resolution range ("compact" index, in
+# increasing flat order of their representatives), and the observation's
+# Bijvoet side (int8: +1 h's side, −1 −h's side, 0 centric). The sums are then
+# kept per compact voxel only, never over the whole P1 box.
+
+
+def compact_tables(lut: np.ndarray, hand: np.ndarray | None = None):
+    """(representatives, table): flat index of each compact voxel (int64, increasing),
+    and for every grid voxel its compact index (int32, −1 outside the range).
+
+    lut: from :func:`diffuse_cli.symmetry.grid_asu_map`.
+    """
+    n = lut.size
+    step = 1 << 23  # chunks: no grid-sized int64 temporaries
+    reps = np.concatenate([a + np.flatnonzero(lut[a:a + step] == np.arange(a, min(n, a + step), dtype=lut.dtype))
+                           for a in range(0, n, step)] or [np.empty(0, dtype=np.int64)])
+    table = np.full(n, -1, dtype=np.int32)
+    table[reps] = np.arange(len(reps), dtype=np.int32)  # the representatives' own rank first
+    for a in range(0, n, step):
+        part = lut[a:a + step]
+        ok = np.flatnonzero(part >= 0)
+        table[a + ok] = table[part[ok]]
+    return reps, table
+
+
+def _voxels_hkl_py(hkl, ndiv, offset, shape, table, hand, out_c, out_side):
+    """Compact voxel and side of each fractional hkl (rounded in hkl's dtype, as voxel_flat)."""
+    n0, n1, n2 = shape[0], shape[1], shape[2]
+    has_hand = hand.shape[0] > 0
+    for i in range(hkl.shape[0]):
+        out_c[i] = -1
+        out_side[i] = 0
+        h0, h1, h2 = hkl[i, 0] * ndiv[0], hkl[i, 1] * ndiv[1], hkl[i, 2] * ndiv[2]
+        if not (np.isfinite(h0) and np.isfinite(h1) and np.isfinite(h2)):
+            continue
+        u0 = np.int64(np.rint(h0)) + offset[0]
+        u1 = np.int64(np.rint(h1)) + offset[1]
+        u2 = np.int64(np.rint(h2)) + offset[2]
+        if u0 < 0 or u0 >= n0 or u1 < 0 or u1 >= n1 or u2 < 0 or u2 >= n2:
+            continue
+        k = (u0 * n1 + u1) * n2 + u2
+        out_c[i] = table[k]
+        if has_hand:
+            out_side[i] = hand[k]
+
+
+def _voxels_q_py(q_unit, pixels, M, R, has_R, ndiv, offset, shape, table, hand, out_c, out_side):
+    """As :func:`_voxels_hkl_py` from the detector's ŝ1 − ŝ0 (float32) and hkl = M·q
+    (float64, the order of :func:`diffuse_cli.geometry.hkl_from_q`), then hkl·R if has_R."""
+    n0, n1, n2 = shape[0], shape[1], shape[2]
+    has_hand = hand.shape[0] > 0
+    for i in range(pixels.shape[0]):
+        p = pixels[i]
+        q0, q1, q2 = np.float64(q_unit[p, 0]), np.float64(q_unit[p, 1]), np.float64(q_unit[p, 2])
+        a0 = q0 * M[0, 0] + q1 * M[0, 1] + q2 * M[0, 2]
+        a1 = q0 * M[1, 0] + q1 * M[1, 1] + q2 * M[1, 2]
+        a2 = q0 * M[2, 0] + q1 * M[2, 1] + q2 * M[2, 2]
+        if has_R:
+            b0 = a0 * R[0, 0] + a1 * R[1, 0] + a2 * R[2, 0]
+            b1 = a0 * R[0, 1] + a1 * R[1, 1] + a2 * R[2, 1]
+            b2 = a0 * R[0, 2] + a1 * R[1, 2] + a2 * R[2, 2]
+            a0, a1, a2 = b0, b1, b2
+        out_c[i] = -1
+        out_side[i] = 0
+        u0 = np.int64(np.rint(a0 * ndiv[0])) + offset[0]
+        u1 = np.int64(np.rint(a1 * ndiv[1])) + offset[1]
+        u2 = np.int64(np.rint(a2 * ndiv[2])) + offset[2]
+        if u0 < 0 or u0 >= n0 or u1 < 0 or u1 >= n1 or u2 < 0 or u2 >= n2:
+            continue
+        k = (u0 * n1 + u1) * n2 + u2
+        out_c[i] = table[k]
+        if has_hand:
+            out_side[i] = hand[k]
+
+
+def _expected_py(c, ref, g, typical, out):
+    """g·I_ref at each observation's compact voxel; ``typical`` where the reference is NaN."""
+    ng = g.shape[0]
+    for i in range(c.shape[0]):
+        r = ref[c[i]]
+        if np.isfinite(r):
+            out[i] = (g[0] if ng == 1 else g[i]) * r
+        else:
+            out[i] = typical
+
+
+def _pass_py(c, side, I, sig, v1, factor, ref, expected, floor, limit, acc, fr):
+    """One still of one scaling pass (the old per-observation chain, fused):
+
+    with v1 (variance model): var = v1·max(E, floor) + max(σ² − v1·I, 0),
+    w = 1/(f²·var), σ_m = √var; without: w = 1/(σ f)², σ_m = σ. Outliers
+    |I·f − I_ref| / (σ_m·f) > limit (limit > 0, I_ref finite) are left out.
+    Adds (w, w·I·f, 1, w²(σ_m f)²) to acc[c] and (w, w·I·f) to fr[side][c].
+    Returns the number added.
+    """
+    nf = factor.shape[0]
+    has_v1 = v1.shape[0] > 0
+    has_ref = ref.shape[0] > 0
+    n = 0
+    for i in range(c.shape[0]):
+        k = c[i]
+        f = factor[0] if nf == 1 else factor[i]
+        x = np.float64(I[i])
+        s0 = np.float64(sig[i])
+        if has_v1:
+            a = np.float64(v1[i])
+            e = expected[i]
+            if e < floor:
+                e = floor
+            v0 = s0 * s0 - a * x
+            if v0 < 0.0:
+                v0 = 0.0
+            var = a * e + v0
+            w = 1.0 / (f * f * var)
+            sm = np.sqrt(var)
+        else:
+            sm = s0
+            w = 0.0
+        if limit > 0.0 and has_ref:
+            r = ref[k]
+            if np.isfinite(r):
+                z = (x * f - r) / (sm * f)
+                if abs(z) > limit:
+                    continue
+        s = sm * f
+        v = x * f
+        if not np.isfinite(v) or not np.isfinite(s):
+            continue
+        if has_v1:
+            if not (w > 0.0) or not np.isfinite(w) or s < 0.0:
+                continue
+        else:
+            if not (s > 0.0):
+                continue
+            w = 1.0 / (s * s)
+        acc[k, 0] += w
+        acc[k, 1] += w * v
+        acc[k, 2] += 1.0
+        acc[k, 3] += w * w * s * s
+        sd = side[i]
+        if sd == 1:
+            fr[0, k, 0] += w
+            fr[0, k, 1] += w * v
+        elif sd == -1:
+            fr[1, k, 0] += w
+            fr[1, k, 1] += w * v
+        n += 1
+    return n
+
+
+def _own_sums_py(c, I, sig, v1, m, ref, floor, limit, W_own, S_own, n_own):
+    """A still's own weights and sums per compact voxel, as scaling.leave_one_out_voxels
+    recomputes them (offset 0): v = I/m, w = m²/var with var = v1·max(m·R, floor) + v0
+    (R = 0 where the reference is NaN), or σ² without v1; observations beyond ``limit``
+    (≥ 0; < 0: none) robust σ from R are left out, as the pass before left them out."""
+    nm = m.shape[0]
+    has_v1 = v1.shape[0] > 0
+    for i in range(c.shape[0]):
+        k = c[i]
+        if k < 0:
+            continue
+        mi = m[0] if nm == 1 else m[i]
+        x = np.float64(I[i])
+        s0 = np.float64(sig[i])
+        r = ref[k]
+        value = x / mi
+        if has_v1:
+            a = np.float64(v1[i])
+            if not (s0 >= 0.0 and a > 0.0):
+                continue
+            e = mi * (r if np.isfinite(r) else 0.0)
+            if e < floor:
+                e = floor
+            v0 = s0 * s0 - a * x
+            if v0 < 0.0:
+                v0 = 0.0
+            var = a * e + v0
+        else:
+            if not (s0 > 0.0):
+                continue
+            var = s0 * s0
+        w = mi * mi / var
+        if not np.isfinite(value) or not np.isfinite(w) or not (w > 0.0):
+            continue
+        if limit >= 0.0 and np.isfinite(r) and abs(value - r) * np.sqrt(w) > limit:
+            continue
+        W_own[k] += w
+        S_own[k] += w * value
+        n_own[k] += 1
+
+
+if HAVE_NUMBA:  # error_model numpy: x/0 is ±inf or NaN (then skipped), as in the numpy code
+    _own_sums = numba.njit(nogil=True, cache=True, error_model="numpy")(_own_sums_py)
+    _voxels_hkl = numba.njit(nogil=True, cache=True, error_model="numpy")(_voxels_hkl_py)
+    _voxels_q = numba.njit(nogil=True, cache=True, error_model="numpy")(_voxels_q_py)
+    _expected = numba.njit(nogil=True, cache=True, error_model="numpy")(_expected_py)
+    _pass = numba.njit(nogil=True, cache=True, error_model="numpy")(_pass_py)
+else:  # pragma: no cover - slow but identical (pure Python loops)
+    _voxels_hkl, _voxels_q, _expected, _pass = _voxels_hkl_py, _voxels_q_py, _expected_py, _pass_py
+    _own_sums = _own_sums_py
+
+
+class CompactAccumulator:
+    """Sums per compact ASU voxel for ``n_halves`` half-datasets, and per Bijvoet side.
+
+    ``acc`` (n_halves, n_compact, 4) float64: Σw, Σw·I, count, Σw²σ²;
+    ``fr`` (2, n_compact, 2): Σw, Σw·I of h's side and −h's side (both halves).
+    32 × n_halves + 32 bytes per ASU voxel inside the resolution range.
+    """
+
+    def __init__(self, n_compact: int, n_halves: int = 2):
+        self.acc = np.zeros((n_halves, n_compact, 4))
+        self.fr = np.zeros((2, n_compact, 2))
+        self.n_added = 0
+
+    def reduce(self, comm) -> None:
+        """Sum over all MPI ranks (in place)."""
+        if comm is None or comm.Get_size() == 1:
+            return
+        from mpi4py import MPI
+
+        comm.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
+        comm.Allreduce(MPI.IN_PLACE, self.fr, op=MPI.SUM)
+        self.n_added = comm.allreduce(self.n_added, op=MPI.SUM)
+
+    def means(self, factor: float = 1.0) -> dict:
+        """Compact merged values: I, sigma, counts (int64), half_I and friedel_I (float32 lists)."""
+        sw = self.acc[..., 0].sum(axis=0)
+        swi = self.acc[..., 1].sum(axis=0)
+        I, sig = _mean(sw, swi, self.acc[..., 3].sum(axis=0), factor)
+        cnt = np.rint(self.acc[..., 2].sum(axis=0)).astype(np.int64)
+        half_I = [_mean(self.acc[h, :, 0], self.acc[h, :, 1], None, factor)[0].astype(np.float32)
+                  for h in range(self.acc.shape[0])]
+        friedel_I = [_mean(self.fr[s, :, 0], self.fr[s, :, 1], None, factor)[0].astype(np.float32) for s in (0, 1)]
+        return {"I": I, "sigma": sig, "counts": cnt, "half_I": half_I, "friedel_I": friedel_I}
+
+
+def merged_from_compact(grid: HKLGrid, lut: np.ndarray, reps: np.ndarray, values: dict,
+                        friedel: bool = True) -> MergedMap:
+    """The :class:`MergedMap` (flat-grid layout) of compact merged values."""
+    n = grid.n_voxels
+
+    def full(v, fill, dtype):
+        out = np.full(n, fill, dtype=dtype)
+        out[reps] = v
+        return out
+
+    return MergedMap(grid, lut, full(values["I"], np.nan, np.float64), full(values["sigma"], np.nan, np.float64),
+                     full(values["counts"], 0, np.int64),
+                     [full(h, np.nan, np.float32) for h in values["half_I"]],
+                     [full(h, np.nan, np.float32) for h in values["friedel_I"]] if friedel else [])

@@ -122,11 +122,11 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     from diffuse_cli import absolute_scale as absc
     from diffuse_cli import map_output
     from diffuse_cli.grid import HKLGrid
-    from diffuse_cli.merging import (check_stills, format_statistics, scale_and_merge,
-                                     shell_statistics, voxel_d_star)
+    from diffuse_cli.merge_statistics import grid_d_star
+    from diffuse_cli.merging import check_stills, format_statistics, scale_and_merge, shell_statistics
     from diffuse_cli.scaling import ScalingTerms
-    from diffuse_cli.symmetry import (LaueSymmetry, ambiguity_operators,
-                                      determine_reindexing)
+    from diffuse_cli.ambiguity import ambiguity_operators, determine_reindexing
+    from diffuse_cli.symmetry import LaueSymmetry
 
     rank = comm.Get_rank() if comm is not None else 0
     if params.space_group is not None:
@@ -174,7 +174,7 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         op_of = {i: M for i, M in zip(checked["experiment_index"], crystal_ops) if i is not None}
         n_crystals = len({c for c in checked["crystal"] if c is not None})
         if n_crystals > 1:
-            from diffuse_cli.symmetry import _op_string
+            from diffuse_cli.ambiguity import _op_string
 
             for c in sorted({c for c in checked["crystal"] if c is not None}):
                 k = checked["crystal"].index(c)
@@ -214,13 +214,17 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
             res = determine_reindexing(
                 source, amb, cell, d_min=params.ambiguity.d_min or d_min, d_max=d_max,
                 ndiv=params.ambiguity.ndiv, min_overlap=params.ambiguity.min_overlap,
-                seed=params.ambiguity.seed, comm=comm,
+                seed=params.ambiguity.seed, comm=comm, dense_max=params.ambiguity.dense_max,
+                subset=params.ambiguity.subset, max_passes=params.ambiguity.max_passes,
                 groups=_sweep_groups(experiments, checked["experiment_index"]))
             reindex = res["reindex"]
             names = amb.names()
             reindexed = [(files[i], names[a]) for i, a in enumerate(res["assignment"]) if a]
-            logger.info("Ambiguity resolved (mean CC between stills %.3f); %d of %d stills "
-                        "reindexed", res["mean_cc_same"], len(reindexed), len(files))
+            if res.get("method") == "single":
+                logger.info("One sweep (or still): a single indexing, no ambiguity to resolve")
+            else:
+                logger.info("Ambiguity resolved (mean CC between stills %.3f); %d of %d stills "
+                            "reindexed", res["mean_cc_same"], len(reindexed), len(files))
             for f, op in reindexed:
                 logger.info("  reindexed %s by %s", os.path.basename(f), op)
         else:
@@ -265,8 +269,7 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     cnt_full = merged.expand(merged.counts, fill=0)
     extra = {}
     # radial profile over the full expanded grid
-    all_flat = np.arange(grid.n_voxels)
-    ds_full = voxel_d_star(grid, all_flat, cell).reshape(grid.shape)
+    ds_full = grid_d_star(grid, cell)
     centres, prof, nprof = absc.radial_profile(I_full, ds_full, 1.0 / d_min, n_bins=60)
     units = "arbitrary (merged) units"
     if abs_plan is not None:
@@ -481,7 +484,7 @@ def _log_scales(result, files):
 
 
 def _scales_json(result, files, reindexed, crystal_ops=None):
-    from diffuse_cli.symmetry import _op_string
+    from diffuse_cli.ambiguity import _op_string
 
     reidx = dict(reindexed)
     crystal_ops = crystal_ops or [None] * len(files)

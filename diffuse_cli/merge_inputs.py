@@ -97,7 +97,7 @@ def readable_stills(files) -> tuple[list[str], list[dict]]:
     return good, failed
 
 
-def load_still(path: str, cache: dict | None = None, with_geometry: bool = False) -> dict:
+def load_still(path: str, cache: dict | None = None, with_geometry: bool = False, with_hkl: bool = True) -> dict:
     """Observations of one still: dict(hkl (N,3), I (N,), sigma (N,), ...).
 
     diffuse.correct files (schema diffuse.correct/3) are read with
@@ -113,7 +113,7 @@ def load_still(path: str, cache: dict | None = None, with_geometry: bool = False
     if schema == corrected_format.CORRECT_SCHEMA:
         from diffuse_cli.corrections import load_observations
 
-        return load_observations(path, cache=cache, with_pixels=with_geometry)
+        return load_observations(path, cache=cache, with_pixels=with_geometry, with_hkl=with_hkl)
     raise Sorry(f"{path}: schema {schema!r}, expected {' or '.join(map(repr, corrected_format.STILL_SCHEMAS))}")
 
 
@@ -141,6 +141,18 @@ class FileSource:
             raise Sorry(f"{self.files[i]}: no pixel positions or directions for the absorption/detector "
                         "scaling terms (only diffuse.correct files have them); use scaling.model=simple")
         M = self.operators[i]
+        if M is not None:
+            obs = dict(obs, hkl=np.asarray(obs["hkl"]) @ np.asarray(M, dtype=np.asarray(obs["hkl"]).dtype))
+        return obs
+
+    def load_deferred(self, i):
+        """Still i without ``hkl`` for diffuse.correct files: ``pixel``, ``q_unit``, ``hkl_matrix``
+        (see ``load_observations(with_hkl=False)``) and ``operator`` (the crystal's M or None),
+        for :func:`diffuse_cli.merge_prepared.prepare_still`; other files as :meth:`load`."""
+        obs = load_still(self.files[i], self._cache, with_hkl=False)
+        M = self.operators[i]
+        if "hkl" not in obs:
+            return dict(obs, operator=M)
         if M is not None:
             obs = dict(obs, hkl=np.asarray(obs["hkl"]) @ np.asarray(M, dtype=np.asarray(obs["hkl"]).dtype))
         return obs

@@ -26,6 +26,19 @@ def voxel_d_star(grid: HKLGrid, flat: np.ndarray, unit_cell) -> np.ndarray:
     return np.sqrt(np.einsum("ni,ij,nj->n", h, g, h))
 
 
+def grid_d_star(grid: HKLGrid, unit_cell) -> np.ndarray:
+    """d* (Å⁻¹) of every voxel centre, shape grid.shape (the quadratic form summed over
+    the separable axes: no per-voxel index arrays)."""
+    g = reciprocal_metric(unit_cell)
+    h, k, l = grid.axes()
+    h, k, l = h[:, None, None], k[None, :, None], l[None, None, :]
+    out = g[0, 0] * h * h + g[1, 1] * k * k
+    out = out + (g[2, 2] * l * l + 2 * g[1, 2] * k * l)
+    out += 2 * g[0, 1] * h * k
+    out += 2 * g[0, 2] * h * l
+    return np.sqrt(np.maximum(out, 0.0, out=out), out=out)
+
+
 def shell_edges(d_star_min: float, d_star_max: float, n_shells: int) -> np.ndarray:
     """Edges in d* (Å⁻¹) of shells of equal reciprocal-space volume."""
     v = np.linspace(d_star_min**3, d_star_max**3, n_shells + 1)

@@ -33,16 +33,19 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from diffuse_cli.grid import HKLGrid
-from diffuse_cli.merge_accumulator import (HAVE_NUMBA, Accumulator, MergedMap,  # noqa: F401  (re-exported)
-                                           voxel_flat)
+from diffuse_cli import merge_accumulator as _ma
+from diffuse_cli.merge_accumulator import (HAVE_NUMBA, Accumulator, CompactAccumulator,  # noqa: F401
+                                           MergedMap, compact_tables, merged_from_compact, voxel_flat)
 from diffuse_cli.merge_consistency import (StillIdentity, cell_deviation, cell_of,  # noqa: F401  (re-exported)
                                            change_of_basis_onto, check_stills, still_identity)
 from diffuse_cli.merge_statistics import (anisotropic_part, format_statistics,  # noqa: F401  (re-exported)
                                           map_agreement, shell_edges, shell_statistics, voxel_d_star,
                                           voxel_hkl)
-from diffuse_cli.scaling import (FitResult, ScaleModel, ScalingTerms, fit_scale, model_variance,
-                                 normalisation)
+from diffuse_cli.scaling import (FitResult, ScaleModel, ScalingTerms, fit_scale, leave_one_out,
+                                 model_variance, normalisation, relax)
 from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map, reciprocal_metric
+from diffuse_cli.merge_prepared import (CACHE_BYTES, _SCRATCH, _buffer, _fit_prepared, _floor, _PreparedStore,
+                                        _reference_subset, prepare_still)
 
 logger = logging.getLogger("diffuse.merging")
 
@@ -136,14 +139,6 @@ def half_assignment(n_stills: int, seed: int = 0, blocks=None) -> np.ndarray:
     return block_half[block_of]
 
 
-def _valid_obs(hkl, I, sig, variance_per_intensity=None):
-    """Usable observations: σ > 0, or σ >= 0 with a variance model (zero counts count)."""
-    ok = np.isfinite(I) & np.isfinite(sig) & np.all(np.isfinite(hkl), axis=1)
-    if variance_per_intensity is None:
-        return ok & (sig > 0)
-    return ok & (sig >= 0) & (variance_per_intensity > 0)
-
-
 def _expected_intensity(grid, reference, hkl, I, scale_g):
     """g·I_ref at each observation's voxel; the still's median positive I where no reference."""
     typical = np.median(I[I > 0]) if np.any(I > 0) else 1.0
@@ -156,6 +151,34 @@ def _expected_intensity(grid, reference, hkl, I, scale_g):
         g = np.broadcast_to(np.asarray(scale_g, dtype=np.float64), expected.shape)
         expected[have] = g[have] * ref[have]
     return expected
+
+
+def _carry_rejected(new_I, new_sigma, new_counts, old_I, old_sigma, old_counts):
+    """The next pass's reference: the new means, and, at voxels whose every observation
+    this pass rejected as an outlier, the previous reference's values.
+
+    Without it such a voxel (e.g. pixels at the beam-stop edge, mutually inconsistent)
+    has no reference in the next pass, keeps all its observations, is rejected again in
+    the one after, and so on: the final map would depend on the parity of the pass count.
+    With it the rejection is the same in every pass (the voxel stays empty in the map).
+    Returns (I, sigma, counts) arrays.
+    """
+    lost = (np.asarray(new_counts) == 0) & (np.asarray(old_counts) > 0)
+    if not lost.any():
+        return new_I, new_sigma, new_counts
+    I, sig, cnt = np.array(new_I), np.array(new_sigma), np.array(new_counts)
+    I[lost], sig[lost], cnt[lost] = np.asarray(old_I)[lost], np.asarray(old_sigma)[lost], np.asarray(old_counts)[lost]
+    return I, sig, cnt
+
+
+def _carried_map(merged: MergedMap, previous: MergedMap | None) -> MergedMap:
+    """:func:`_carry_rejected` on merged maps (the reference of the next pass)."""
+    if previous is None:
+        return merged
+    from dataclasses import replace
+
+    I, sig, cnt = _carry_rejected(merged.I, merged.sigma, merged.counts, previous.I, previous.sigma, previous.counts)
+    return merged if I is merged.I else replace(merged, I=I, sigma=sig, counts=cnt)
 
 
 def scale_and_merge(
@@ -182,6 +205,8 @@ def scale_and_merge(
     use_numba: bool | None = None,
     progress: Callable | None = None,
     neighbours=None,
+    cached: bool | None = None,
+    cache_bytes: int | None = None,
 ) -> MergeResult:
     """Merge stills (optionally with per-still scales refined to convergence).
 
@@ -206,6 +231,15 @@ def scale_and_merge(
     absorption, detector and offset terms (see :func:`_scale_and_merge_terms`);
     neighbours (n_stills, 2): previous/next still of the same sweep, −1 for
     none (ScalingTerms.neighbour_prior).
+
+    cached (the default with numba, unless use_numba=False; simple model):
+    every still is read once; its compact ASU voxel indices and the arrays
+    the passes need are kept
+    (:func:`prepare_still`; in memory up to ``cache_bytes``, default
+    :data:`CACHE_BYTES`, then in temporary ``.npy`` files read back memory-mapped),
+    and each pass only fits and accumulates. ``cached=False``: the reference
+    implementation, which reloads every still in every pass (same map to
+    float32 rounding of I, σ and v1; tests).
     """
     if isinstance(model, ScalingTerms):
         if model.any_extra and scale:
@@ -217,6 +251,13 @@ def scale_and_merge(
                 lut=lut, reject_sigma=reject_sigma, chunk=chunk, use_numba=use_numba,
                 progress=progress, neighbours=neighbours)
         model = model.base
+    if (HAVE_NUMBA and use_numba is not False) if cached is None else cached:
+        return _scale_and_merge_cached(
+            source, grid, laue, unit_cell, d_min=d_min, d_max=d_max, scale=scale, model=model,
+            max_iterations=max_iterations, tolerance=tolerance, reindex=reindex, half_seed=half_seed,
+            half_blocks=half_blocks, friedel=friedel, fit_max_obs=fit_max_obs,
+            min_reference_counts=min_reference_counts, comm=comm, lut=lut, reject_sigma=reject_sigma,
+            progress=progress, cache_bytes=CACHE_BYTES if cache_bytes is None else cache_bytes)
     n_stills = len(source)
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     mine = list(range(rank, n_stills, size))
@@ -247,7 +288,8 @@ def scale_and_merge(
                 hkl = np.asarray(hkl) @ np.asarray(reindex[i]).astype(np.asarray(hkl).dtype)
             if reference is not None:
                 fits[i] = _fit_still(model, grid, gstar, reference, hkl, I, sig, fit_max_obs,
-                                     min_reference_counts, seed=i, variance_per_intensity=v1)
+                                     min_reference_counts, seed=i, variance_per_intensity=v1,
+                                     previous=(params[i], _reject_limit(fits[i], reject_sigma), 1.0 / n_stills))
                 if fits[i].ok:
                     new[i] = fits[i].params
                     ok[i] = 1
@@ -301,7 +343,7 @@ def scale_and_merge(
             if change < tolerance:
                 converged = True
                 break
-        reference = merged
+        reference = _carried_map(merged, reference)
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
 
 
@@ -357,7 +399,9 @@ def _scale_and_merge_terms(source, grid, laue, unit_cell, terms: ScalingTerms, d
                 dss = np.einsum("ni,ij,nj->n", h, gstar, h)
                 co = terms.coordinates(obs, dss)
                 fits[i] = _fit_still_terms(terms, i, grid, reference, hkl, I, sig, co, fit_max_obs,
-                                           min_reference_counts, seed=i, variance_per_intensity=v1)
+                                           min_reference_counts, seed=i, variance_per_intensity=v1,
+                                           previous=((*terms.evaluate(i, co), _reject_limit(fits[i], reject_sigma),
+                                                      1.0 / n_stills) if terms.leave_one_out else None))
                 if fits[i].ok:
                     new_g[i], new_a[i], new_c[i] = fits[i].params, fits[i].absorption, fits[i].offset
                     ok[i] = 1
@@ -413,7 +457,7 @@ def _scale_and_merge_terms(source, grid, laue, unit_cell, terms: ScalingTerms, d
         if step["change"] < tolerance:
             converged = True
             break
-        reference = merged
+        reference = _carried_map(merged, reference)
     return MergeResult(merged, terms.g.copy(), fits, half, iterations, converged, history, n_obs, terms)
 
 
@@ -441,35 +485,31 @@ def _adjust_map(merged: MergedMap, unit_cell, terms: ScalingTerms, ring_factor, 
         arr[vox[fin]] = (arr[vox[fin]] * mul[fin] + add[fin]).astype(arr.dtype)
 
 
-def _reference_subset(grid, reference: MergedMap, hkl, I, sig, v1, fit_max_obs, min_counts, seed):
-    """Indices of a still's usable observations (at most ``fit_max_obs``, random, fixed by
-    ``seed``) whose reference voxel has ≥ ``min_counts`` counts and a finite I, and that I."""
-    sel = np.flatnonzero(_valid_obs(hkl, I, sig, v1))
-    if len(sel) > fit_max_obs:
-        sel = np.sort(np.random.default_rng(seed).choice(sel, fit_max_obs, replace=False))
-    flat, inside = voxel_flat(grid, hkl[sel])
-    sel, flat = sel[inside], flat[inside]
-    rep = reference.lut[flat]
-    good = rep >= 0
-    rep = np.where(good, rep, 0)
-    good &= reference.counts[rep] >= min_counts
-    sel, rep = sel[good], rep[good]
-    ref = reference.I[rep]
-    good = np.isfinite(ref)
-    return sel[good], ref[good]
+def _reject_limit(fit, reject_sigma):
+    """The outlier limit the previous pass applied to a still (None: none applied)."""
+    return reject_sigma * fit.residual_scale if reject_sigma and fit is not None and fit.ok else None
 
 
 def _fit_still_terms(terms, i, grid, reference: MergedMap, hkl, I, sig, co, fit_max_obs, min_counts,
-                     seed, variance_per_intensity=None) -> FitResult:
+                     seed, variance_per_intensity=None, previous=None) -> FitResult:
     """Subset of still i's observations with a reference value, then ScalingTerms.fit_still."""
     hkl = np.asarray(hkl)
     I = np.asarray(I, dtype=np.float64)
     sig = np.asarray(sig, dtype=np.float64)
     v1 = variance_per_intensity
     sel, ref = _reference_subset(grid, reference, hkl, I, sig, v1, fit_max_obs, min_counts, seed)
+    ref_var = None
+    if previous is not None:  # (multiplier, offset, reject limit, own share) of the still's last pass
+        ref, ref_var, keep = leave_one_out(reference, grid, hkl, I, sig, previous[0], previous[1], v1, sel,
+                                           previous[2], min_counts)
+        sel, ref, ref_var = sel[keep], ref[keep], ref_var[keep]
     sub = {k: v[sel] for k, v in co.items()}
-    return terms.fit_still(i, I[sel], sig[sel], ref, sub,
-                           variance_per_intensity=None if v1 is None else np.asarray(v1)[sel])
+    fit = terms.fit_still(i, I[sel], sig[sel], ref, sub,
+                          variance_per_intensity=None if v1 is None else np.asarray(v1)[sel],
+                          reference_variance=ref_var)
+    if previous is not None:
+        relax(fit, terms.g[i], terms.alpha[i], terms.kappa[i], previous[3])
+    return fit
 
 
 def _outliers(grid, reference, hkl, I, sig, factor, limit) -> np.ndarray:
@@ -484,16 +524,27 @@ def _outliers(grid, reference, hkl, I, sig, factor, limit) -> np.ndarray:
 
 
 def _fit_still(model, grid, gstar, reference: MergedMap, hkl, I, sig, fit_max_obs,
-               min_counts, seed, variance_per_intensity=None) -> FitResult:
+               min_counts, seed, variance_per_intensity=None, previous=None) -> FitResult:
     hkl = np.asarray(hkl)
     I = np.asarray(I, dtype=np.float64)
     sig = np.asarray(sig, dtype=np.float64)
     v1 = variance_per_intensity
     sel, ref = _reference_subset(grid, reference, hkl, I, sig, v1, fit_max_obs, min_counts, seed)
+    ref_var = None
+    if previous is not None:  # (scale parameters, reject limit, own share) of the still's last pass
+        if model.n_control_points == 1:
+            m = float(previous[0][0])
+        else:
+            ha = hkl.astype(np.float64)
+            m = model.evaluate(previous[0], np.einsum("ni,ij,nj->n", ha, gstar, ha))
+        ref, ref_var, keep = leave_one_out(reference, grid, hkl, I, sig, m, 0.0, v1, sel, previous[1], min_counts)
+        sel, ref, ref_var = sel[keep], ref[keep], ref_var[keep]
     h = hkl[sel].astype(np.float64)
     dss = np.einsum("ni,ij,nj->n", h, gstar, h)
-    return fit_scale(model, I[sel], sig[sel], ref, dss,
-                     variance_per_intensity=None if v1 is None else np.asarray(v1)[sel])
+    fit = fit_scale(model, I[sel], sig[sel], ref, dss,
+                    variance_per_intensity=None if v1 is None else np.asarray(v1)[sel],
+                    reference_variance=ref_var)
+    return fit if previous is None else relax(fit, previous[0], own_share=previous[2])
 
 
 def _gather_fits(comm, fits, mine, n_stills):
@@ -504,3 +555,115 @@ def _gather_fits(comm, fits, mine, n_stills):
         for i, f in part:
             out[i] = f
     return out
+
+
+def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=None, scale=True, model=None,
+                            max_iterations=10, tolerance=1e-3, reindex=None, half_seed=0, half_blocks=None,
+                            friedel=True, fit_max_obs=200_000, min_reference_counts=2, comm=None, lut=None,
+                            reject_sigma=6.0, progress=None, cache_bytes=CACHE_BYTES) -> MergeResult:
+    """scale_and_merge (simple model) with every still read once (see its ``cached``)."""
+    n_stills = len(source)
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    mine = list(range(rank, n_stills, size))
+    lut, hand = _asu_maps(grid, laue, unit_cell, d_min, d_max, lut, friedel)
+    reps, table = compact_tables(lut)
+    n_c = len(reps)
+    if model is None:
+        model = ScaleModel(1, d_star_sq_max=(1.0 / d_min**2) if d_min else 1.0)
+    gstar = reciprocal_metric(unit_cell)
+    half = half_assignment(n_stills, half_seed, half_blocks)
+    params = np.ones((n_stills, model.n_control_points))
+    fits: list = [None] * n_stills
+    history = []
+    converged = not scale
+    iterations = 0
+    n_passes = (max_iterations + 1) if scale else 1
+    values = None
+    n_obs = 0
+    load = getattr(source, "load_deferred", None) or source.load
+    store = _PreparedStore(cache_bytes)
+    try:
+        for i in (progress(mine, desc="read") if progress else mine):
+            store.put(i, prepare_still(load(i), grid, table, hand, gstar,
+                                       None if reindex is None else reindex[i], fit_max_obs, seed=i,
+                                       with_dss=model.n_control_points > 1))
+        if store.n_spilled:
+            logger.info("Observations of %d stills kept on disk (%s), %d in memory",
+                        store.n_spilled, store.directory, len(store.items) - store.n_spilled)
+        del table
+        reference = None
+        empty = np.empty(0)
+        for it in range(n_passes):
+            acc = CompactAccumulator(n_c, 2)
+            new = np.zeros_like(params)
+            ok = np.zeros(n_stills)
+            for i in (progress(mine, desc=f"pass {it}") if progress else mine):
+                p = store.get(i)
+                if reference is not None:
+                    fits[i] = _fit_prepared(model, p, reference["I"], reference["counts"], min_reference_counts,
+                                            previous=(params[i], _reject_limit(fits[i], reject_sigma), 1.0 / n_stills,
+                                                      reference["sigma"]))
+                    if fits[i].ok:
+                        new[i] = fits[i].params
+                        ok[i] = 1
+                    else:
+                        new[i] = params[i]
+                else:
+                    new[i] = params[i]
+                    ok[i] = 1
+                if model.n_control_points == 1:
+                    factor = np.array([1.0 / new[i, 0]])
+                else:
+                    factor = 1.0 / model.evaluate(new[i], np.asarray(p.dss, dtype=np.float64))
+                limit = 0.0
+                if reference is not None and reject_sigma and fits[i] is not None and fits[i].ok:
+                    limit = float(reject_sigma * fits[i].residual_scale)
+                ref = reference["I"] if reference is not None else empty
+                expected, floor = empty, 0.0
+                if p.v1 is not None:
+                    expected = _buffer("expected", len(p.c))
+                    if reference is None:
+                        expected.fill(p.typical)
+                    else:
+                        _ma._expected(p.c, ref, 1.0 / factor, p.typical, expected)
+                    floor = _floor(expected, p.typical, p.n_dropped)
+                h = int(half[i])
+                acc.n_added += _ma._pass(p.c, p.side, p.I, p.sigma, empty if p.v1 is None else p.v1,
+                                         factor, ref, expected, floor, limit if np.isfinite(limit) else 0.0,
+                                         acc.acc[h], acc.fr)
+            acc.reduce(comm)
+            if comm is not None and size > 1:
+                from mpi4py import MPI
+
+                comm.Allreduce(MPI.IN_PLACE, new, op=MPI.SUM)
+                comm.Allreduce(MPI.IN_PLACE, ok, op=MPI.SUM)
+                fits = _gather_fits(comm, fits, mine, n_stills)
+            norm = normalisation(new, ok > 0) if reference is not None else 1.0
+            new = new / norm
+            change = float(np.max(np.abs(new / params - 1.0))) if reference is not None else np.inf
+            params = new
+            scaled = reference is not None
+            previous = reference
+            reference = ref = None
+            values = acc.means(factor=norm)
+            n_obs = acc.n_added
+            iterations = it
+            del acc
+            if scaled:
+                history.append(change)
+                logger.info("scaling pass %d: max relative scale change %.2e", it, change)
+                if change < tolerance:
+                    converged = True
+                    break
+            reference = values
+            if previous is not None:
+                I, sig, cnt = _carry_rejected(values["I"], values["sigma"], values["counts"],
+                                              previous["I"], previous["sigma"], previous["counts"])
+                reference = {**values, "I": I, "sigma": sig, "counts": cnt}
+            previous = None
+    finally:
+        store.close()
+        _SCRATCH.clear()
+    reference = None  # the previous pass's map: not needed beside the full-grid one
+    merged = merged_from_compact(grid, lut, reps, values, friedel=hand is not None)
+    return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)

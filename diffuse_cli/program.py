@@ -378,9 +378,27 @@ def banner(program: str) -> str:
     return f"diffuse.{program} (diffuse {__version__}, {dials_version()})"
 
 
+_FILE_DATA_TYPES = ("experiment_list", "reflection_table")
+
+
+def _without_file_data(scope):
+    """A copy of a PHIL scope without the experiment/reflection file definitions.
+
+    Comparing those with the defaults extracts them, i.e. reads each file again
+    (twice, for a 350 MB shoebox table); they are named on the command line anyway.
+    """
+    objects = []
+    for o in scope.objects:
+        if o.is_scope:
+            objects.append(_without_file_data(o))
+        elif getattr(o.type, "phil_type", None) not in _FILE_DATA_TYPES:
+            objects.append(o)
+    return scope.customized_copy(objects=objects)
+
+
 def log_diff_phil(parser) -> None:
-    """Log the parameters that differ from the defaults, as DIALS programs do."""
-    diff = parser.diff_phil.as_str()
+    """Log the parameters that differ from the defaults, as DIALS programs do (input files excepted)."""
+    diff = _without_file_data(parser.system_phil).fetch_diff(source=_without_file_data(parser.phil)).as_str()
     if diff:
         logger.info("The following parameters have been modified:\n\n%s", diff)
 

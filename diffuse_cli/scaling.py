@@ -79,7 +79,7 @@ class FitResult:
 
 
 def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
-              n_irls: int = 6, variance_per_intensity=None) -> FitResult:
+              n_irls: int = 6, variance_per_intensity=None, reference_variance=None) -> FitResult:
     """Fit g for one still: I ≈ g(d*²)·I_ref, robust weighted least squares.
 
     All arrays (N,): observed intensity, its σ, the reference intensity at the
@@ -88,6 +88,9 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
     data, see :func:`model_variance`), weights and
     residuals use the variance expected from the current model g·I_ref rather
     than each observation's own σ, which would bias g low by ~1/counts.
+    ``reference_variance`` (N,): variance of I_ref (a leave-one-out
+    reference, :func:`leave_one_out`); the residual variance is then
+    σ² + g²·var(I_ref), so that voxels the other stills barely measured weigh little.
     """
     I = np.asarray(intensity, dtype=np.float64)
     s = np.asarray(sigma, dtype=np.float64)
@@ -95,15 +98,24 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
     n = model.n_control_points
     if I.size < max(10, 5 * n):
         return FitResult(np.full(n, np.nan), int(I.size), np.nan, np.nan, np.nan, False)
-    D = model.basis(d_star_sq) * ref[:, None]
+    G = model.basis(d_star_sq)
+    D = G * ref[:, None]
+    v_ref = None if reference_variance is None else np.asarray(reference_variance, dtype=np.float64)
+
+    def ref_part(c):  # g²·var(I_ref)
+        if v_ref is None:
+            return 0.0
+        gc = G @ c if np.any(c) else 1.0
+        return gc * gc * v_ref
+
     if variance_per_intensity is not None:
         v1 = np.asarray(variance_per_intensity, dtype=np.float64)
 
         def sigma_of(c):
-            return np.sqrt(model_variance(I, s, v1, D @ c if np.any(c) else ref))
+            return np.sqrt(model_variance(I, s, v1, D @ c if np.any(c) else ref) + ref_part(c))
     else:
         def sigma_of(c):
-            return s
+            return np.sqrt(s * s + ref_part(c)) if v_ref is not None else s
     s_model = sigma_of(np.zeros(n))
     w0 = 1.0 / (s_model * s_model)
     hub = np.ones_like(I)
@@ -144,7 +156,25 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
     rms = float(np.sqrt(np.mean(r[inl] ** 2))) if inl.any() else np.nan
     cc = float(np.corrcoef(I[inl], ref[inl])[0, 1]) if inl.sum() > 2 and np.std(ref[inl]) > 0 else np.nan
     ok = bool(np.all(np.isfinite(c)) and np.all(c > 0))
+    if v_ref is not None:  # the outlier limit's scale, in the units merging tests residuals in
+        s_obs = s if variance_per_intensity is None else np.sqrt(model_variance(I, s, v1, D @ c))
+        scale = _robust_scale((I - D @ c) / s_obs, scale)
     return FitResult(c, int(I.size), rms, cc, float(np.mean(~inl)), ok, float(scale))
+
+
+def _robust_scale(r: np.ndarray, fallback: float) -> float:
+    """MAD scale (×1.4826) of normalised residuals r, ``fallback`` if it is not positive.
+
+    With a leave-one-out reference the fits normalise residuals by √(σ² + m²·var I_ref);
+    merging's outlier test (``reject_sigma`` × this scale) divides by σ alone, so the
+    scale it gets is of (I − E[I])/σ: otherwise the limit would tighten wherever the
+    reference is noisy and strong, consistent pixels would be dropped.
+    """
+    r = r[np.isfinite(r)]
+    if not r.size:
+        return fallback
+    mad = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    return mad if mad > 0 else fallback
 
 
 def normalisation(params: np.ndarray, ok: np.ndarray) -> float:
@@ -176,6 +206,116 @@ def model_variance(intensity, sigma, variance_per_intensity, expected):
     return v1 * np.maximum(e, floor) + v0
 
 
+def relax(fit: FitResult, g_prev, a_prev=None, c_prev=None, own_share: float = 0.0) -> FitResult:
+    """Damped update of a still's terms after a leave-one-out fit (in place): θ = s·θ_prev + (1 − s)·θ_fit.
+
+    Fitting every still against the others (:func:`leave_one_out`) is a Jacobi
+    iteration on the joint least-squares problem (the map eliminated); its
+    fixed point is the joint solution, but with n stills of similar overlap
+    the error of each pass is about −1/(n − 1) times the last (with two
+    stills it flips sign forever). Keeping a share s = 1/n of the previous
+    value cancels that: s·1 + (1 − s)·(−1/(n − 1)) = 0. Multiplicative terms
+    (g, absorption nodes) mix in log, the offset linearly; the fixed point
+    is unchanged.
+    """
+    s = float(own_share)
+    if s <= 0 or not fit.ok:
+        return fit
+    fit.params = np.exp(s * np.log(np.asarray(g_prev, dtype=np.float64)) + (1 - s) * np.log(fit.params))
+    if fit.absorption is not None and a_prev is not None and np.size(a_prev):
+        fit.absorption = np.exp(s * np.log(np.maximum(a_prev, 1e-6)) + (1 - s) * np.log(fit.absorption))
+    if fit.offset is not None and c_prev is not None and np.size(c_prev):
+        fit.offset = s * np.asarray(c_prev, dtype=np.float64) + (1 - s) * fit.offset
+    return fit
+
+
+LOO_MIN_SHARE = 0.01  # least share of a voxel's weight from the other stills (leave_one_out)
+
+
+def leave_one_out(reference, grid, hkl, intensity, sigma, multiplier, offset=0.0,
+                  variance_per_intensity=None, select=None, reject_limit=None, min_counts: int = 2):
+    """The reference at a still's observations without that still's own contribution.
+
+    The reference map R_h = Σw·v/Σw holds still i's own observations, scaled
+    with its previous multiplier m (v = I/m − c, weight w = m²/σ², or m²/var
+    with a variance model: the accumulator's weights). Fitted against R, a
+    still's scale is pulled toward its previous value by its own share of
+    each voxel's weight, and, when one still holds most of a voxel (few
+    stills, a fine grid), the passes converge slowly (each moves only the
+    others' share of the way) and the scale absorbs the still's own noise.
+    With W_h = 1/σ_h² (the map's σ) and the still's sums W_i, S_i = Σw·v over
+    its observations in voxel h::
+
+        R_{-i}(h) = (R_h·W_h − S_i(h)) / (W_h − W_i(h)),   var R_{-i}(h) = 1/(W_h − W_i(h)).
+
+    Observations rejected as outliers in the previous pass (|v − R|·√w >
+    ``reject_limit``) had no weight and are not removed. ``hkl``, ``intensity``,
+    ``sigma``, ``multiplier`` (scalar or (N,)), ``offset`` (merged-map units)
+    and ``variance_per_intensity`` cover ALL the still's observations;
+    ``select``: indices of the observations to return (default all).
+    Returns (R_{-i}, var R_{-i}, usable): usable where the other stills put at
+    least ``min_counts`` observations and a share LOO_MIN_SHARE of the weight
+    in the voxel (below it the recomputed own weight's error would dominate).
+    """
+    from diffuse_cli.merge_accumulator import voxel_flat
+
+    flat, inside = voxel_flat(grid, hkl)
+    rep = np.full(len(flat), -1, dtype=np.int64)
+    rep[inside] = reference.lut[flat[inside]]
+    sel = np.arange(len(rep)) if select is None else np.asarray(select)
+    return leave_one_out_voxels(reference.I, reference.sigma, reference.counts, rep, intensity, sigma,
+                                multiplier, offset, variance_per_intensity, rep[sel], reject_limit, min_counts)
+
+
+def leave_one_out_voxels(ref_I, ref_sigma, ref_counts, voxel, intensity, sigma, multiplier, offset=0.0,
+                         variance_per_intensity=None, voxel_select=None, reject_limit=None,
+                         min_counts: int = 2):
+    """:func:`leave_one_out` on voxel indices: ``voxel`` (N,) index into the reference arrays
+    (I, σ, counts) of each of the still's observations (−1: not merged); ``voxel_select``:
+    those of the observations to return (default ``voxel``)."""
+    I = np.asarray(intensity, dtype=np.float64)
+    n = I.size
+    sig = np.asarray(sigma, dtype=np.float64)
+    m = np.broadcast_to(np.asarray(multiplier, dtype=np.float64), (n,))
+    c = np.broadcast_to(np.asarray(offset, dtype=np.float64), (n,))
+    rep = np.asarray(voxel, dtype=np.int64)
+    have = rep >= 0
+    R = np.full(n, np.nan)
+    R[have] = ref_I[rep[have]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = I / m - c
+        if variance_per_intensity is None:
+            var = np.where(sig > 0, sig * sig, np.nan)
+        else:
+            v1 = np.asarray(variance_per_intensity, dtype=np.float64)
+            var = np.where((sig >= 0) & (v1 > 0), model_variance(I, sig, v1, m * (np.nan_to_num(R) + c)), np.nan)
+        w = m * m / var
+    use = have & np.isfinite(value) & np.isfinite(w) & (w > 0)
+    if reject_limit:
+        with np.errstate(invalid="ignore"):
+            use &= ~(np.abs(value - R) * np.sqrt(w) > reject_limit)  # NaN R: kept
+    vox, inv = np.unique(rep[use], return_inverse=True)
+    W_own = np.bincount(inv, w[use], minlength=vox.size)
+    S_own = np.bincount(inv, w[use] * value[use], minlength=vox.size)
+    n_own = np.bincount(inv, minlength=vox.size)
+    r = rep if voxel_select is None else np.asarray(voxel_select, dtype=np.int64)
+    if vox.size:
+        pos = np.minimum(np.searchsorted(vox, r), vox.size - 1)
+        found = (r >= 0) & (vox[pos] == r)
+    else:
+        pos, found = np.zeros(r.size, dtype=np.int64), np.zeros(r.size, dtype=bool)
+    rr = np.where(r >= 0, r, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        W = 1.0 / np.asarray(ref_sigma, dtype=np.float64)[rr] ** 2
+        W_other = W - np.where(found, W_own[pos], 0.0)
+        n_other = np.asarray(ref_counts)[rr] - np.where(found, n_own[pos], 0)
+        ref = (np.asarray(ref_I, dtype=np.float64)[rr] * W - np.where(found, S_own[pos], 0.0)) / W_other
+        usable = ((r >= 0) & (n_other >= min_counts) & (W_other > LOO_MIN_SHARE * W)
+                  & np.isfinite(ref) & np.isfinite(W))
+        ref_var = np.where(usable, 1.0 / W_other, np.nan)
+    return np.where(usable, ref, np.nan), ref_var, usable
+
+
 # ---------------------------------------------------------------- richer scaling model
 #
 # For still i and observation j (docs/merge.md, "Scaling"):
@@ -193,6 +333,13 @@ def model_variance(intensity, sigma, variance_per_intensity, expected):
 N_RINGS = 12  # |s| bins of the ring-mean constraint on the detector response
 GAUGE_WEIGHT = 1e3  # stiffness of the mean-one constraint on each absorption surface
 RIDGE = 1e-8  # keeps nodes without data (and without curvature) determined
+# Share of the previous detector response kept in each pass (d = d_prev^s · d_solved^(1−s)).
+# Fitted against the other stills (leave_one_out), d at a pixel is corrected from the
+# pixels of other stills that saw the same voxels, which lie on the same |s| ring; where
+# a ring crosses the detector in two separate arcs (the outer corners), the ring
+# constraint leaves their difference, which flips sign every pass (eigenvalue −1).
+# For iteration eigenvalues in [−1, 0], s = 1/3 is the optimal damping (|error| × 1/3 a pass).
+DETECTOR_OWN_SHARE = 1.0 / 3.0
 
 
 @dataclass(frozen=True)
@@ -285,6 +432,12 @@ class ScalingTerms:
         self.panel_shapes = None
         self.det = None
         self.neighbours = None
+        # Leave-one-out fits (leave_one_out, relax) and the damped d update (DETECTOR_OWN_SHARE),
+        # except with the additive offset: against a reference free of the still's own data, g and a
+        # smooth c(|s|) are nearly degenerate where the map has little contrast beyond its radial
+        # profile (8 thaumatin stills: g moved 4× in a pass), so the offset keeps the plain alternation.
+        self.leave_one_out = not self.n_c
+        self.relax_detector = self.leave_one_out
 
     # ------------------------------------------------------------ set-up
     @property
@@ -386,7 +539,7 @@ class ScalingTerms:
 
     # ------------------------------------------------------------ per-still fit
     def fit_still(self, i: int, intensity, sigma, reference, co: dict, n_irls: int = 6,
-                  variance_per_intensity=None) -> FitResult:
+                  variance_per_intensity=None, reference_variance=None) -> FitResult:
         """Fit g_i, a_i, c_i jointly: robust Gauss–Newton, the other stills and d fixed.
 
         Minimises Σ w (I − a·d·g·(I_ref + c))²/σ² plus the priors (docs/merge.md):
@@ -394,6 +547,7 @@ class ScalingTerms:
         tr(N_block)/tr(BᵀB)), mean(a nodes) = 1 (stiff), and, with neighbours,
         ``neighbour_prior`` × tr(N_block)/n_block × |θ − θ_neighbours|².
         Also adds this still's contribution to the detector normal equations.
+        ``reference_variance``: var(I_ref) (see :func:`fit_scale`), adds (a·d·g)²·var(I_ref).
         """
         I = np.asarray(intensity, dtype=np.float64)
         s = np.asarray(sigma, dtype=np.float64)
@@ -433,11 +587,18 @@ class ScalingTerms:
             g, a, c = parts(p)
             return a * D * g * (ref + c)
 
-        def sigma_of(mu):
-            return s if v1 is None else np.sqrt(model_variance(I, s, v1, mu))
+        v_ref = None if reference_variance is None else np.asarray(reference_variance, dtype=np.float64)
+
+        def sigma_of(mu, p):
+            var = s * s if v1 is None else model_variance(I, s, v1, mu)
+            if v_ref is not None:
+                g, a, _ = parts(p)
+                m = a * D * g
+                var = var + m * m * v_ref
+            return np.sqrt(var)
 
         mu = model_of(p)
-        s_model = sigma_of(mu)
+        s_model = sigma_of(mu, p)
         hub = np.ones_like(I)
         scale = 1.0
         for it in range(2 * n_irls):
@@ -481,7 +642,7 @@ class ScalingTerms:
             except np.linalg.LinAlgError:
                 return FitResult(np.full(ng, np.nan), int(I.size), np.nan, np.nan, np.nan, False)
             mu = model_of(p)
-            s_model = sigma_of(mu)
+            s_model = sigma_of(mu, p)
             r = (I - mu) / s_model
             mad = 1.4826 * np.median(np.abs(r - np.median(r)))
             scale = mad if mad > 0 else (np.std(r) or 1.0)
@@ -501,6 +662,9 @@ class ScalingTerms:
         rms = float(np.sqrt(np.mean(r[inl] ** 2))) if inl.any() else np.nan
         cc = float(np.corrcoef(I[inl], ref[inl])[0, 1]) if inl.sum() > 2 and np.std(ref[inl]) > 0 else np.nan
         ok = bool(np.all(np.isfinite(p)) and np.all(g > 0) and np.all(np.asarray(a) > 0))
+        if v_ref is not None:  # the outlier limit's scale: see _robust_scale
+            s_obs = s if v1 is None else np.sqrt(model_variance(I, s, v1, mu))
+            scale = _robust_scale((I - mu) / s_obs, scale)
         fit = FitResult(p[blocks[0]], int(I.size), rms, cc, float(np.mean(~inl)), ok, float(scale))
         fit.absorption = p[blocks[1]]
         fit.offset = p[blocks[2]]
@@ -569,7 +733,8 @@ class ScalingTerms:
         centres (the radial static absorption; NaN: ring without data),
         offset_shift: (n_c,) node values to add to the merged map as a function
         of |s| (the mean offset moved into the map), change: largest relative
-        change of any term: g, a and d relative, c relative to ``typical``,
+        change of any term: g, a relative (max over nodes and stills), d
+        relative (see :meth:`_detector_change`), c relative to ``typical``,
         a typical merged intensity).
         """
         ok = np.asarray(ok, dtype=bool)
@@ -621,6 +786,10 @@ class ScalingTerms:
                 log_md = np.zeros(T.shape[0])
                 log_md[have] = (T[have] @ np.log(m_rest)) / rows[have]
                 det = det * self._ring_normalise(np.exp(log_md).reshape(det.shape))
+            if self.relax_detector and old[3] is not None:
+                # damped update (see DETECTOR_OWN_SHARE); the fixed point is unchanged
+                det = np.exp(DETECTOR_OWN_SHARE * np.log(np.maximum(old[3], 1e-6))
+                             + (1 - DETECTOR_OWN_SHARE) * np.log(np.maximum(det, 1e-6)))
             have = info > 0
             k_d = float(np.sum(info[have] * det[have]) / np.sum(info[have])) if have.any() else 1.0
             det /= k_d
@@ -645,11 +814,28 @@ class ScalingTerms:
         if self.n_a:
             change = max(change, float(np.max(np.abs(alpha / old[1] - 1.0))))
         if self.n_d and old[3] is not None:
-            change = max(change, float(np.max(np.abs(self.det / old[3] - 1.0))))
+            change = max(change, self._detector_change(old[3], info))
         if self.n_c and typical > 0:
             change = max(change, float(np.max(np.abs(kappa - old[2]))) / typical)
         self.g, self.alpha, self.kappa = g, alpha, kappa
         return {"factor": k, "offset_shift": shift, "change": change, "ring_factor": ring_factor}
+
+    def _detector_change(self, old: np.ndarray, info: np.ndarray) -> float:
+        """Largest over panels of the information-weighted rms relative change of d's nodes.
+
+        Weights: the diagonal of d's normal matrix (Σ w·h²·B_n², how strongly the
+        observations fix each node). Nodes outside the observed pixels (e.g. the
+        detector corners beyond d_min) are set by the priors alone, move with
+        every change elsewhere and do not alter the map; by the max over nodes
+        they kept the passes from stopping.
+        """
+        rel = self.det / old - 1.0
+        out = 0.0
+        for p in range(len(rel)):
+            w = info[p]
+            if np.sum(w) > 0:
+                out = max(out, float(np.sqrt(np.sum(w * rel[p] ** 2) / np.sum(w))))
+        return out
 
     def _ring_normalise(self, det: np.ndarray, n_iter: int = 4) -> np.ndarray:
         """d with the same mean on every ring of constant |s|.

@@ -289,19 +289,13 @@ def _make_bad_inputs(root: pathlib.Path, chain: dict) -> None:
     # extracted folder with one still whose counts do not fit its mask
     short = root / "extracted_short"
     shutil.copytree(chain["extracted"], short)
-    with np.load(still) as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["counts"] = arrays["counts"][:-1]
-    np.savez(short / still.name, **arrays)
+    _one_count_short(still, short / still.name)
     # ... with one truncated still; with every still short
     shutil.copytree(chain["extracted"], root / "extracted_trunc")
     (root / "extracted_trunc" / still.name).write_bytes(data[: len(data) // 2])
     shutil.copytree(chain["extracted"], root / "extracted_allshort")
     for f in (root / "extracted_allshort").glob("image_*.npz"):
-        with np.load(f) as z:
-            arrays = {k: z[k] for k in z.files}
-        arrays["counts"] = arrays["counts"][:-1]
-        np.savez(f, **arrays)
+        _one_count_short(f, f)
     # extracted folders whose per-detector geometry cache is missing / truncated (both stills share it)
     for name in ("extracted_nogeometry", "extracted_badgeometry"):
         shutil.copytree(chain["extracted"], root / name)
@@ -318,6 +312,27 @@ def _make_bad_inputs(root: pathlib.Path, chain: dict) -> None:
     for f in (root / "corrected_alltrunc").glob("image_*.npz"):
         f.write_bytes(f.read_bytes()[:100])
 
+
+
+def _one_count_short(src, dst):
+    """An extract file whose counts are one pixel short of its mask, in its own encoding
+    (schema /3: the codec's scalars sit in the JSON header)."""
+    from diffuse_cli.formats.extract import COUNT_ARRAYS, pack_counts, unpack_counts
+
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(str(arrays["header"]))
+    counts = unpack_counts({**arrays, **{k: np.array(v) for k, v in header.items()}})
+    for k in COUNT_ARRAYS:
+        arrays.pop(k, None)
+        header.pop(k, None)
+    for k, v in pack_counts(counts[:-1]).items():
+        if np.ndim(v) == 0:
+            header[k] = v.item()
+        else:
+            arrays[k] = v
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez(dst, **arrays)
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> dict:

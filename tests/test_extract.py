@@ -245,7 +245,10 @@ def test_extract_program_roundtrip(thaumatin, tmp_path, capsys):
     assert "# Exposure_time 0.0190000 s" in header
     assert e.exposure_time == pytest.approx(0.019, rel=1e-9)
     assert 0.8 < e.mask.mean() < 0.95
-    assert os.path.getsize(files[0]) < os.path.getsize(thaumatin["image"])
+    # smaller than the image compressed by bzip2 (the counts are entropy-coded, not zip-deflated)
+    import bz2
+
+    assert os.path.getsize(files[0]) < len(bz2.compress(pathlib.Path(thaumatin["image"]).read_bytes(), 9))
     # hkl rebuilt from the file at the centroid pixels of strong reflections
     geom = ex.GeometryCache(out).by_key(e.geometry_key)
     refl = thaumatin["reflections"]
@@ -295,6 +298,89 @@ def test_extract_file_roundtrip(tmp_path, counts):
     assert ex.is_complete(tmp_path / "x.npz")
     (tmp_path / "bad.npz").write_bytes(b"truncated")
     assert not ex.is_complete(tmp_path / "bad.npz")
+
+
+def _poisson_entropy_bits(lam: float) -> float:
+    from scipy import stats
+
+    k = np.arange(0, int(lam + 20 * np.sqrt(lam) + 20))
+    p = stats.poisson.pmf(k, lam)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 4095, 4096, 100_001])
+def test_count_codecs_exact(n):
+    """Every codec gives back the exact counts, escapes (>= 15, >= 255, int32 range) included."""
+    from diffuse_cli.formats import extract as fx
+
+    rng = np.random.default_rng(n)
+    low = rng.poisson(3.5, n)
+    high = rng.poisson(300 + 200 * np.sin(np.arange(n) / 400.0))
+    wild = rng.integers(0, 2**31 - 1, n)
+    for counts, codec in ((low, "nibble"), (high, "delta"), (wild, None)):
+        for name in ("counts", "sample"):
+            z = fx.pack_counts(counts, name)
+            if codec and n > 4096:
+                assert str(z[f"{name}_codec"]) == codec
+            back = fx.unpack_counts(z, name)
+            assert back.dtype == np.int32 and fx.n_counts(z, name) == n
+            np.testing.assert_array_equal(back, counts)
+    import unittest.mock as mock
+
+    for codec in ("byte", "delta", "nibble"):  # each codec on data it would not choose, too
+        for counts in (wild, wild.astype(np.int32), high.astype(np.int32)):  # int32: the raw images' type
+            with mock.patch.object(fx, "choose_codec", return_value=codec):
+                z = fx.pack_counts(counts)
+            np.testing.assert_array_equal(fx.unpack_counts(z), counts)
+
+
+@pytest.mark.parametrize("lam,codec", [(3.5, "nibble"), (300.0, "delta")])
+def test_count_codecs_near_entropy(lam, codec):
+    """Stored bits per count within 0.6 bit of the Poisson entropy (nibble) or of
+    the entropy of the difference of two Poisson counts (delta; Skellam, about
+    the Gaussian 0.5·log2(2πe·2λ))."""
+    from diffuse_cli.formats import extract as fx
+
+    counts = np.random.default_rng(1).poisson(lam, 200_000)
+    z = fx.pack_counts(counts)
+    assert str(z["counts_codec"]) == codec
+    bits = 8 * sum(z[k].nbytes for k in ("counts_stream", "counts_escaped")) / counts.size
+    floor = _poisson_entropy_bits(lam) if codec == "nibble" else 0.5 * np.log2(2 * np.pi * np.e * 2 * lam)
+    assert floor - 0.05 < bits < floor + 0.6, (bits, floor)
+
+
+def test_extract_sample_and_old_schema(tmp_path):
+    """The sampled counts are those of every SAMPLE_STRIDE-th pixel that is used, and a
+    diffuse.extract/2 file (zip-deflated uint8 counts + overflows) still reads."""
+    from diffuse_cli import program
+    from diffuse_cli.formats import extract as fx
+
+    rng = np.random.default_rng(4)
+    n_pix = 10_003
+    mask = rng.random(n_pix) > 0.3
+    image = rng.poisson(40, n_pix)
+    ref = ex.StillRef("x_00000", 0, 0, "/data/x.cbf", None, 0)
+    ex.write_extract(tmp_path / "x.npz", mask=mask, counts=image[mask], A=np.eye(3), exposure_time=0.1,
+                     geometry_key="k", ref=ref)
+    z = fx.read_extract_arrays(tmp_path / "x.npz")
+    np.testing.assert_array_equal(z["mask_bits"], np.packbits(mask))
+    expected = np.flatnonzero(mask & (np.arange(n_pix) % fx.SAMPLE_STRIDE == 0))
+    np.testing.assert_array_equal(fx.sample_pixels(z["mask_bits"], n_pix), expected)
+    np.testing.assert_array_equal(fx.unpack_counts(z, "sample"), image[expected])
+    # the extract program's own sample (extraction.extract_still: from the whole image) is the same
+    np.testing.assert_array_equal(image[::fx.SAMPLE_STRIDE][mask[::fx.SAMPLE_STRIDE]], image[expected])
+    counts = image[mask]
+    over = np.flatnonzero(counts >= 255)
+    program.write_npz(tmp_path / "old.npz", compresslevel=1, schema=np.array("diffuse.extract/2"),
+                      mask_bits=np.packbits(mask), n_pixels=np.int64(n_pix),
+                      counts=np.minimum(counts, 255).astype(np.uint8), overflow_index=over.astype(np.uint32),
+                      overflow_counts=counts[over].astype(np.int32), A=np.eye(3), exposure_time=np.float64(0.1),
+                      geometry_key=np.array("k"), experiment_index=np.int64(0), s0=np.array([0, 0, -1.0]))
+    old = ex.read_extract(tmp_path / "old.npz")
+    np.testing.assert_array_equal(old.mask, mask)
+    np.testing.assert_array_equal(old.counts, counts)
+    assert not fx.has_sample(fx.read_extract_arrays(tmp_path / "old.npz"))
 
 
 def test_geometry_cache_file(tmp_path):

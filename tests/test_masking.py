@@ -361,3 +361,28 @@ def test_extract_uses_bragg_masks(thaumatin, predicted_run, tmp_path):
     np.testing.assert_array_equal(e.mask, total & (raw > -1) & (raw < hi))
     flat = _centroid_flat(thaumatin["reflections"], 2463)
     assert e.mask[flat].mean() <= 0.01
+
+
+@pytest.mark.parametrize("size", [9, 4])
+def test_local_background_at_strong_pixels_equals_the_whole_frame_median_filter(size):
+    """The median at a few pixels is scipy's whole-frame median_filter there, per panel, invalid pixels filled."""
+    import types
+
+    from scipy.ndimage import median_filter
+
+    from diffuse_cli.mask_rotation import local_background
+
+    rng = np.random.default_rng(5)
+    shapes = [(37, 50), (20, 31)]
+    offsets = np.array([0, 37 * 50, 37 * 50 + 20 * 31])
+    geometry = types.SimpleNamespace(panel_shapes=shapes, panel_offsets=offsets)
+    counts = rng.poisson(20, offsets[-1]).astype(np.int32)
+    valid = rng.random(offsets[-1]) > 0.05
+    at = rng.choice(offsets[-1], 400, replace=False)
+    expected = np.empty(offsets[-1], dtype=np.float32)
+    for i, shape in enumerate(shapes):
+        c = counts[offsets[i]:offsets[i + 1]].astype(np.float32)
+        ok = valid[offsets[i]:offsets[i + 1]]
+        c[~ok] = np.median(c[ok])
+        expected[offsets[i]:offsets[i + 1]] = median_filter(c.reshape(shape), size=size, mode="nearest").ravel()
+    np.testing.assert_array_equal(local_background(counts, valid, geometry, size, at=at), expected[at])

@@ -3,7 +3,9 @@
 Fast tests use tiny synthetic miniCBF images (no indexing). Runs that index
 are shared through module-scoped fixtures so each dataset is processed once:
 
-* simulated stills (diffuse.simulate truth.json), slow;
+* simulated stills (diffuse.simulate truth.json), slow; the XFEL mode
+  (integration.sample) reuses them: 6 of them, 3 integrated, against full
+  integration through bragg_mask -> extract -> correct -> merge;
 * thaumatin Pilatus stills (8, nproc=2), real_data + slow;
 * thermolysin CSPAD stills (2), real_data;
 * staphylococcal nuclease frames (5; multiprocess, MPI, serial kill+resume), real_data.
@@ -30,6 +32,8 @@ from diffuse_cli.stills import inputs, still_route
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
 PROGRAM = str(BIN / "diffuse.stills_process")
+
+LYSOZYME = "C:4904,N:1544,O:4480,S:80,H:13672"  # the simulated cell's composition (as tests/test_end_to_end.py)
 
 # Columns that legitimately differ between two runs of the same stills.
 _VOLATILE = {"time_s", "resumed"}
@@ -158,6 +162,26 @@ def test_rotation_step_detection():
     assert [len(u) for u in units] == [1, 2, 2, 1, 1]  # the gap at frame 3 splits the sweep
 
 
+def test_integration_sample_choice_and_top_up():
+    """integration.sample: N evenly spaced stills (first and last included), rotation frames
+    always integrated; a failed sample still is replaced from the indexed, not integrated ones."""
+    from diffuse_cli.stills import drivers
+    from diffuse_cli.stills.records import INDEXED, NOT_A_HIT
+
+    stills = [inputs.Item(path=f"/e/shot_{i:05d}.cbf", tag=f"shot_{i:05d}") for i in range(10)]
+    frame = inputs.Item(path="/d/snc_00001.img", tag="snc_00001", route=inputs.ROUTE_ROTATION_AS_STILLS)
+    items = stills[:5] + [frame] + stills[5:]
+    chosen = drivers.choose_integration_sample(items, 4)
+    assert [it.tag for it in chosen] == ["shot_00000", "shot_00003", "shot_00006", "shot_00009"]
+    assert frame.integrate and sum(it.integrate for it in items) == 5
+    rows = [{"status": INDEXED, "integrated": it.integrate} for it in items]
+    assert drivers.sample_top_up(items, rows, 4) == []
+    rows[0] = {"status": NOT_A_HIT, "integrated": False}  # a sample still that was no hit
+    again = drivers.sample_top_up(items, rows, 4)
+    assert len(again) == 1 and again[0].integrate and again[0] not in chosen
+    assert len(drivers.choose_integration_sample(stills[:2], 5)) == 2  # fewer stills than N: all
+
+
 def test_bad_inputs_each_get_a_row(tmp_path):
     """Missing (via file_list), truncated CBF, text file, blank image: rows, exit 1."""
     rng = np.random.default_rng(0)
@@ -210,6 +234,8 @@ def simulated(tmp_path_factory):
     sim = work / "sim"
     subprocess.run(
         [str(BIN / "diffuse.simulate"), "n_stills=20", "seed=0", "truth.map=False",
+         # a known absolute scale and Wilson B (the XFEL-mode tests merge with them)
+         f"absolute_scale.composition={LYSOZYME}", "absolute_scale.wilson_b=30",
          f"output.directory={sim}"],
         cwd=work, check=True, capture_output=True, timeout=900,
     )
@@ -480,3 +506,139 @@ def test_kill_and_resume_serial_matches_uninterrupted(snase):
     assert sum(r["resumed"] for r in rows) == 0
     # serial (resumed) run == uninterrupted multiprocess run
     assert _stable(rows) == _stable(_summary(snase["out"]))
+
+
+# ------------------------------------------------------- XFEL mode (issue 12)
+
+XFEL_N, XFEL_SAMPLE = 6, 3
+
+
+def _chain_after_stills_process(processed: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+    """bragg_mask -> extract -> correct -> merge (with the composition: absolute scale and a
+    Wilson B estimated from combined.refl) on one stills_process output."""
+    from diffuse_cli.command_line import bragg_mask, correct, extract, merge
+
+    expt, refl = str(processed / "combined.expt"), str(processed / "combined.refl")
+    log = [f"output.log={root / 'chain.log'}"]
+    bragg_mask.run([expt, refl, f"output.directory={root / 'masks'}", "nproc=2", *log])
+    extract.run([expt, f"masks.summary={root / 'masks' / 'summary.json'}",
+                 f"output.directory={root / 'extracted'}", "nproc=2", *log])
+    correct.run([expt, str(root / "extracted"), f"output.directory={root / 'corrected'}", "nproc=2", *log])
+    merge.run([expt, str(root / "corrected"), f"output.directory={root / 'merged'}", "ndiv=2",
+               "space_group=P43212", f"composition={LYSOZYME}", "absolute_scale.fit_d_max=2.5", *log])
+    return root
+
+
+@pytest.fixture(scope="module")
+def xfel_vs_full(simulated, tmp_path_factory):
+    """The first XFEL_N simulated stills: full integration (the module's run, combined anew for
+    those stills) and the XFEL mode (integration.sample=XFEL_SAMPLE), each through the chain.
+
+    The XFEL run starts from the full run's done-records of its sample stills: they resume
+    (whether a still is integrated is in its key, integration.sample is not), so only the
+    stills it does not integrate are processed here."""
+    from diffuse_cli.command_line import stills_process
+    from diffuse_cli.stills.drivers import write_combined
+
+    root = tmp_path_factory.mktemp("xfel_mode")
+    n = len(simulated["truth"]["images"])
+    images, options = simulated["args"][:XFEL_N], simulated["args"][n:]
+    options = [a for a in options if not str(a).startswith("output.directory=")]
+    # full integration: the module's per-still files of these stills, as one combined pair
+    full = root / "full"
+    rows = [r for r in _summary(simulated["out"]) if r["image"] in {str(p) for p in images}]
+    for r in rows:
+        for rel in (r["experiments"], r["reflections"]):
+            if rel:
+                (full / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(simulated["out"] / rel, full / rel)
+    write_combined(rows, str(full), "combined")
+    xfel = root / "xfel"
+    from diffuse_cli.stills.drivers import choose_integration_sample
+    from diffuse_cli.stills.inputs import Item
+
+    sample = {it.path for it in choose_integration_sample([Item(path=str(p)) for p in images], XFEL_SAMPLE)}
+    for r in rows:
+        if r["image"] in sample:
+            for rel in (r["experiments"], r["reflections"], f"stills/{r['tag']}_indexed.refl", f"done/{r['tag']}.json"):
+                (xfel / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(simulated["out"] / rel, xfel / rel)
+    t0 = time.perf_counter()
+    stills_process.run([*map(str, images), *options, f"integration.sample={XFEL_SAMPLE}",
+                        f"output.directory={xfel}", f"output.log={root / 'sp.log'}"])
+    t_sp = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    chains = {k: _chain_after_stills_process(d, root / f"chain_{k}") for k, d in (("full", full), ("xfel", xfel))}
+    print(f"XFEL mode stills_process {t_sp:.1f} s; both chains {time.perf_counter() - t0:.1f} s")
+    return {"full": full, "xfel": xfel, "chains": chains}
+
+
+@pytest.mark.slow
+def test_xfel_mode_integrates_only_the_sample(xfel_vs_full):
+    """integration.sample=XFEL_SAMPLE of XFEL_N: evenly spaced stills integrated, the others
+    indexed and refined with the same crystal models as with full integration (bit for bit),
+    the same profile model and no intensities."""
+    from dials.array_family import flex
+
+    xfel = _summary(xfel_vs_full["xfel"])
+    assert len(xfel) == XFEL_N and all(r["status"] == "indexed" for r in xfel), [r["reason"] for r in xfel]
+    integrated = [r["tag"] for r in xfel if r["integrated"]]
+    assert len(integrated) == XFEL_SAMPLE
+    assert [r["resumed"] for r in xfel] == [r["integrated"] for r in xfel]  # the sample came from the full run
+    assert [r["tag"] for r in xfel].index(integrated[0]) == 0  # evenly spaced: first and last
+    assert [r["tag"] for r in xfel].index(integrated[-1]) == XFEL_N - 1
+    for r in xfel:
+        assert (r["n_integrated"] > 0) == r["integrated"]
+        assert r["experiments"].endswith("_integrated.expt" if r["integrated"] else "_indexed.expt")
+    a, b = _crystals(xfel_vs_full["full"]), _crystals(xfel_vs_full["xfel"])
+    assert set(a) == set(b)
+    for tag in a:  # indexing and refinement do not depend on the mode
+        np.testing.assert_allclose(b[tag].crystal.get_A(), a[tag].crystal.get_A(), rtol=0, atol=1e-12)
+        assert b[tag].crystal.get_domain_size_ang() == pytest.approx(a[tag].crystal.get_domain_size_ang(), rel=1e-12)
+        # the profile model DIALS integrates with (and applies sigma_b_cutoff to) is there too
+        assert b[tag].profile.sigma_b() == pytest.approx(a[tag].profile.sigma_b(), rel=1e-9)
+    refl = flex.reflection_table.from_file(str(xfel_vs_full["xfel"] / "combined.refl"))
+    ids = dict(refl.experiment_identifiers())
+    n_int = refl.get_flags(refl.flags.integrated_sum)
+    per_tag = {t: int((n_int & (refl["id"] == i)).count(True)) for i, t in ids.items()}
+    assert {t for t, k in per_tag.items() if k} == set(integrated)
+    assert sum(r["n_integrated"] for r in xfel) == n_int.count(True)
+
+
+@pytest.mark.slow
+def test_xfel_mode_masks_map_and_scale_match_full_integration(xfel_vs_full):
+    """Bragg masks: identical on the integrated stills; on the others (size from the sample)
+    the Bragg pixel sets overlap by >= 0.9 (Jaccard). Merged map CC >= 0.999 with the
+    full-integration map. Absolute scale K within 5 % (the absolute-scale accuracy
+    tests/test_end_to_end.py asks against the truth): the masks change it little, the Wilson B
+    does, estimated here from the sample's XFEL_SAMPLE stills instead of all XFEL_N."""
+    from diffuse_cli.formats.masks import read_mask_any
+
+    chains = xfel_vs_full["chains"]
+    summaries = {k: {e["name"]: e for e in json.loads((c / "masks" / "summary.json").read_text())["stills"]}
+                 for k, c in chains.items()}
+    integrated = {r["image"] for r in _summary(xfel_vs_full["xfel"]) if r["integrated"]}
+    assert set(summaries["full"]) == set(summaries["xfel"])
+    jaccard = {}
+    for name, e in summaries["full"].items():
+        m_full = read_mask_any(chains["full"] / "masks" / e["mask_bits"])
+        m_xfel = read_mask_any(chains["xfel"] / "masks" / summaries["xfel"][name]["mask_bits"])
+        if e["image_path"] in integrated:
+            assert np.array_equal(m_full, m_xfel), name
+            continue
+        shape = summaries["xfel"][name]["bragg_shape"][0]
+        assert shape["source"].startswith("integration sample"), shape
+        masked_full, masked_xfel = ~m_full, ~m_xfel
+        jaccard[name] = (masked_full & masked_xfel).sum() / (masked_full | masked_xfel).sum()
+    print("mask Jaccard (masked pixels) of the non-integrated stills:", {k: round(v, 4) for k, v in jaccard.items()})
+    assert len(jaccard) == XFEL_N - XFEL_SAMPLE and min(jaccard.values()) >= 0.9, jaccard
+    m = {k: np.load(c / "merged" / "merged.npz") for k, c in chains.items()}
+    ok = (m["full"]["counts"] > 0) & (m["xfel"]["counts"] > 0) & np.isfinite(m["full"]["I"]) & np.isfinite(m["xfel"]["I"])
+    cc = np.corrcoef(m["full"]["I"][ok], m["xfel"]["I"][ok])[0, 1]
+    sc = {k: json.loads((c / "merged" / "absolute_scale.json").read_text()) for k, c in chains.items()}
+    ratio = sc["xfel"]["K"] / sc["full"]["K"]
+    print(f"merged map CC {cc:.6f} on {ok.sum()} voxels; K xfel/full {ratio:.4f}; Wilson B "
+          f"{sc['xfel']['wilson_b']:.2f} (sample) vs {sc['full']['wilson_b']:.2f} (all)")
+    assert ok.sum() > 10_000
+    assert cc >= 0.999
+    assert abs(ratio - 1) < 0.05

@@ -109,11 +109,12 @@ NPZ_IO_ALLOWED = {
     "diffuse_cli/atomic_io.py",  # write_npz / open_npz, the atomic primitives the formats use
     "diffuse_cli/provenance.py",  # stored_key: a tolerant probe of a stored provenance key
     "diffuse_cli/simulation/writers.py",  # truth.npz: the simulator shares no code with the pipeline
+    "diffuse_cli/merge_prepared.py",  # temporary .npy spill of prepared stills: scratch, not a file format
 }
 #: the artefacts of the chain and their schemas (docs/file_formats.md)
 FORMATS = {
     "masks": {"diffuse.mask_bits/1"},
-    "extract": {"diffuse.extract/2", "diffuse.extract/1"},
+    "extract": {"diffuse.extract/3", "diffuse.extract/2", "diffuse.extract/1"},
     "geometry": {"diffuse.geometry/2", "diffuse.geometry/1"},
     "factors": {"diffuse.factors/2"},
     "corrected": {"diffuse.correct/3", "diffuse.observations/1"},

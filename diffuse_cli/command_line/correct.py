@@ -1,7 +1,7 @@
 """Apply per-pixel intensity corrections to extracted diffuse pixels.
 
 diffuse.correct reads the per-still pixel files written by diffuse.extract
-(``extracted/<still>.npz``, schema diffuse.extract/2, with their
+(``extracted/<still>.npz``, schema diffuse.extract/3, with their
 ``geometry_<key>.npz``) and the experiments they came from, and writes:
 
 - ``corrected/factors_<key>.npz``: once per detector (and beam direction;

@@ -6,7 +6,7 @@ trusted range, and the setting matrix A (q = A·hkl; for rotation data the
 frame's goniometer rotation and scan-varying A). Pixel directions ŝ1 are
 computed once per detector and beam direction (not per wavelength) and
 cached in <directory>/geometry_<key>.npz; each still's file
-<directory>/<still>.npz (schema diffuse.extract/2, see docs/file_formats.md)
+<directory>/<still>.npz (schema diffuse.extract/3, see docs/file_formats.md)
 keeps only what cannot be recomputed: mask bits, used counts, A, its beam s0
 (s1 = ŝ1/λ), exposure time (0 for XFEL shots, normalised per shot by
 diffuse.correct). diffuse_cli.extraction.used_q / used_hkl /

@@ -92,6 +92,19 @@ ambiguity {
     .help = "Fewest common coarse voxels for a pair of stills to count."
   seed = 0
     .type = int
+  dense_max = 1000
+    .type = int(value_min=2)
+    .help = "Up to this many stills (sweeps count as one), correlate all pairs;"
+            "above it, resolve a random subset by all pairs and assign every"
+            "still against the subset's mean (memory and time linear in the"
+            "number of stills)."
+  subset = 500
+    .type = int(value_min=2)
+    .help = "Stills resolved by all pairs when there are more than dense_max."
+  max_passes = 5
+    .type = int(value_min=0)
+    .help = "Above dense_max: passes reassigning every still against the mean"
+            "of all the others, until none changes."
 }
 scaling {
   enable = True

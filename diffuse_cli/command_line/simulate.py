@@ -322,7 +322,7 @@ truth {
     .help = "Voxels per reciprocal-lattice unit of truth.npz (diffuse_cli.grid.HKLGrid)."
   subsample = 3
     .type = int(value_min=1)
-    .help = "Voxel mean of I_true over a subsample^3 sub-grid."
+    .help = "Voxel mean: smooth terms on a subsample^3 sub-grid, halos exactly; 1 = values at voxel centres."
   map = True
     .type = bool
     .help = "Write truth.npz (the merged truth map)."

@@ -42,6 +42,8 @@ Examples::
 
   diffuse.stills_process my_params.phil images/ overwrite=True
 
+  diffuse.stills_process shots/ integration.sample=20 nproc=8   # XFEL mode
+
   diffuse.stills_process snc_*.img processing_mode=sequence \\
       indexing.known_symmetry.space_group=P4
 """
@@ -79,6 +81,17 @@ overwrite = False
   .type = bool
   .help = "Reprocess stills that already have a done-record from an earlier run "
           "with the same input and parameters."
+integration {
+  sample = None
+    .type = int(value_min=1)
+    .help = "XFEL mode: integrate only this many stills (route stills; evenly "
+            "spaced over the inputs, topped up from the other indexed stills when "
+            "some fail), and index and refine the rest: their refined models "
+            "(with the profile model DIALS would integrate with, and its sigma_b "
+            "cutoff) and indexed spots go to the combined files. diffuse.bragg_mask "
+            "takes their Bragg mask size from the integrated sample, diffuse.merge "
+            "its Wilson B. None: integrate every still."
+}
 sequence {
   scan_varying = False
     .type = bool

@@ -1,13 +1,21 @@
-"""Per-still extracted pixels: ``<still>.npz`` (schema ``diffuse.extract/2``).
+"""Per-still extracted pixels: ``<still>.npz`` (schema ``diffuse.extract/3``).
 
 Written by diffuse.extract, one per image (per lattice when several share
 an image); read by diffuse.correct, diffuse.merge (identity checks) and
 tests. Fields:
 
-* ``schema``; ``mask_bits`` (``np.packbits`` of the (Npix,) used-pixel mask,
-  True = used) and ``n_pixels``;
-* ``counts`` of the used pixels, in pixel order (:func:`pack_counts`:
-  uint8 + ``overflow_index``/``overflow_counts``, or int32, or float32);
+* ``schema``; ``header``: a JSON object of the scalars below and ``A``,
+  ``s0`` (/1, /2: one member each); ``mask_deflate`` (zlib stream of ``np.packbits`` of the (Npix,)
+  used-pixel mask, True = used; /1, /2: ``mask_bits`` as such) and ``n_pixels``;
+* the counts of the used pixels, in pixel order (:func:`pack_counts`):
+  ``counts_n``, ``counts_codec`` (nibble, byte or delta), ``counts_stream``
+  (zlib stream of the 4- or 8-bit symbols) and ``counts_escaped`` (zlib
+  stream of the int32 values of the escaped symbols, in order); or
+  ``counts`` int32 / float32 (negative or non-integral data). /1, /2:
+  ``counts`` uint8 + ``overflow_index``/``overflow_counts``;
+* ``sample_n``, ``sample_codec``, ``sample_stream``, ``sample_escaped`` (or ``sample``): the
+  same for the counts of the used pixels among every SAMPLE_STRIDE-th pixel
+  (:func:`sample_pixels`; /3 only), for diffuse.correct's summary figures;
 * ``A`` (3, 3) setting matrix (q = A·hkl), ``s0`` (3,) Å⁻¹ of the still's
   beam, ``exposure_time`` (s; 0 for XFEL shots), ``beam_flux`` (0 = unknown),
   ``geometry_key`` (its ``geometry_<key>.npz``);
@@ -17,13 +25,20 @@ tests. Fields:
   image fingerprint, mask-file fingerprints, experiment fingerprint; see
   :mod:`diffuse_cli.provenance`).
 
-``diffuse.extract/1`` files (no ``s0``: the geometry's beam is the still's)
-are still read.
+The npz itself is stored (no zip deflate): the two big arrays are deflated
+with zlib's run-length strategy (faster than level-1 LZ77 on counts and
+smaller). :func:`read_extract_arrays` returns ``mask_bits`` decoded for every
+schema, and :func:`unpack_counts` the exact counts.
+
+``diffuse.extract/2`` and ``/1`` files (/1: no ``s0``: the geometry's beam is
+the still's) are still read.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +47,23 @@ from libtbx.utils import Sorry
 
 from diffuse_cli.formats.common import CORRUPT, read_npz
 
-EXTRACT_SCHEMA = "diffuse.extract/2"
-#: extract schemas read back (/1: no per-still s0; the geometry's beam is the still's)
-EXTRACT_SCHEMAS_READ = ("diffuse.extract/1", EXTRACT_SCHEMA)
-#: the arrays that hold the counts (see pack_counts)
-COUNT_ARRAYS = ("counts", "overflow_index", "overflow_counts")
-#: what every extract file holds
-REQUIRED = ("mask_bits", "n_pixels", "counts", "A", "exposure_time", "geometry_key", "experiment_index")
+EXTRACT_SCHEMA = "diffuse.extract/3"
+#: extract schemas read back (/2: counts and mask zip-deflated; /1: no per-still s0)
+EXTRACT_SCHEMAS_READ = ("diffuse.extract/1", "diffuse.extract/2", EXTRACT_SCHEMA)
+#: the arrays that hold the counts (see pack_counts; /1, /2: counts + overflow)
+COUNT_ARRAYS = ("counts", "overflow_index", "overflow_counts", "counts_n", "counts_codec", "counts_stream",
+                "counts_escaped")
+#: the arrays that hold the sampled counts (/3 only; see sample_pixels)
+SAMPLE_ARRAYS = ("sample", "sample_n", "sample_codec", "sample_stream", "sample_escaped")
+#: the arrays that hold the mask (/3: mask_deflate; /1, /2: mask_bits)
+MASK_ARRAYS = ("mask_bits", "mask_deflate")
+#: what every extract file holds (besides a mask and counts: _require_pixels)
+REQUIRED = ("n_pixels", "A", "exposure_time", "geometry_key", "experiment_index")
+#: nibble value meaning "15 or more: the value is in counts_escaped"
+NIBBLE_ESCAPE = 15
+#: the counts of every SAMPLE_STRIDE-th pixel (if used) are also kept apart, as ``sample``:
+#: diffuse.correct's summary figures without decoding all counts (a multiple of 8, not a power of 2)
+SAMPLE_STRIDE = 72
 #: the scalars of an extract (read without decompressing its arrays)
 HEADER_FIELDS = ("experiment_index", "geometry_key", "exposure_time", "beam_flux", "s0", "image_path",
                  "image_index", "frame", "name", "experiment_identifier", "provenance_key")
@@ -71,33 +96,134 @@ class Extracted:
         return None if self.s0 is None else float(1.0 / np.linalg.norm(self.s0))
 
 
-def pack_counts(counts: np.ndarray) -> dict:
-    """Compact storage of used-pixel counts.
+def _deflate(data) -> np.ndarray:
+    """zlib stream (level 1, run-length strategy) of an array's bytes, as uint8."""
+    c = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)
+    raw = np.ascontiguousarray(data)
+    return np.frombuffer(c.compress(raw) + c.flush(), dtype=np.uint8)
 
-    Non-negative integers: ``counts`` as uint8 (values clipped to 255) plus
-    ``overflow_index`` (uint32, positions within the used pixels) and
-    ``overflow_counts`` (int32) holding the exact values >= 255. Other integers:
-    int32. Non-integral values: float32.
+
+def _inflate(stream, dtype) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(np.asarray(stream, dtype=np.uint8)), dtype=dtype)
+
+
+def _zigzag(d: np.ndarray) -> np.ndarray:
+    """Signed int64 -> non-negative (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...)."""
+    return (d << 1) ^ (d >> 63)
+
+
+def _delta_zigzag(counts: np.ndarray) -> np.ndarray:
+    """Zig-zag code of c[i] − c[i−1] (c[−1] = 0) of non-negative counts: in
+    int32 when they are int32 (the difference of two values in [0, 2³¹)
+    fits; its zig-zag is read as uint32), else int64."""
+    if counts.dtype == np.int32:
+        d = np.empty(counts.size, dtype=np.int32)
+        d[:1] = counts[:1]
+        np.subtract(counts[1:], counts[:-1], out=d[1:])
+        z = np.left_shift(d, 1)
+        z ^= d >> 31
+        return z.view(np.uint32)
+    c = counts.astype(np.int64)
+    return _zigzag(np.diff(c, prepend=0))
+
+
+def _entropy_bits(symbols: np.ndarray, escape: int) -> float:
+    """Estimated bits per value of a symbol stream with escapes (Shannon entropy
+    of the symbols + ~24 bits per escaped value)."""
+    h = np.bincount(symbols, minlength=escape + 1).astype(np.float64)
+    if not h.sum():
+        return 0.0
+    p = h[h > 0] / h.sum()
+    return float(-(p * np.log2(p)).sum() + 24.0 * h[escape] / h.sum())
+
+
+def choose_codec(counts: np.ndarray) -> str:
+    """The codec of non-negative integer counts: ``nibble`` (4 bits + escapes, the
+    fastest: low counts), ``byte`` or ``delta`` (zig-zag differences of
+    consecutive counts: high, smoothly varying counts), by the entropy of
+    each on 32 windows of 2048 consecutive counts."""
+    n = counts.size
+    if n < 4096:
+        windows = counts.astype(np.int64)[None, :]
+    else:
+        starts = np.linspace(0, n - 2048, 32).astype(np.int64)
+        windows = counts[starts[:, None] + np.arange(2048)].astype(np.int64)
+    flat = windows.ravel()
+    est = {
+        "nibble": _entropy_bits(np.minimum(flat, NIBBLE_ESCAPE), NIBBLE_ESCAPE),
+        "byte": _entropy_bits(np.minimum(flat, 255), 255),
+        "delta": _entropy_bits(np.minimum(_zigzag(np.diff(windows, axis=1).ravel()), 255), 255),
+    }
+    if est["nibble"] <= 1.1 * min(est["byte"], est["delta"]):  # nibbles: half the bytes to deflate
+        return "nibble"
+    return "byte" if est["byte"] <= est["delta"] else "delta"
+
+
+def pack_counts(counts: np.ndarray, name: str = "counts") -> dict:
+    """Compact storage of used-pixel counts (schema /3), under ``name``.
+
+    Non-negative integers: ``<name>_codec`` (:func:`choose_codec`),
+    ``<name>_stream``, the deflated (:func:`_deflate`) symbols, and
+    ``<name>_escaped``, the deflated int32 (delta: int64) values of the
+    escaped symbols, in order; ``<name>_n`` the number of counts. Codecs: ``nibble``: min(c, 15),
+    two per byte, low nibble first, 15 escapes c; ``byte``: min(c, 255),
+    255 escapes c; ``delta``: min(z, 255) with z the zig-zag of c[i] − c[i−1]
+    (c[−1] = 0), 255 escapes z. Other integers: ``<name>`` int32.
+    Non-integral values: ``<name>`` float32.
     """
+    counts = np.asarray(counts)
     integral = np.issubdtype(counts.dtype, np.integer) or bool(
         np.all(np.equal(np.mod(counts, 1), 0))
     )
     if not integral:
-        return {"counts": counts.astype(np.float32)}
-    if counts.size == 0 or counts.min() >= 0:
-        over = np.flatnonzero(counts >= 255)
-        return {
-            "counts": np.minimum(counts, 255).astype(np.uint8),
-            "overflow_index": over.astype(np.uint32),
-            "overflow_counts": counts[over].astype(np.int32),
-        }
-    return {"counts": counts.astype(np.int32)}
+        return {name: counts.astype(np.float32)}
+    if counts.size and counts.min() < 0:
+        return {name: counts.astype(np.int32)}
+    n = counts.size
+    codec = choose_codec(counts) if n else "nibble"
+    if codec == "nibble":
+        sym = np.empty(n + (n & 1), dtype=np.uint8)
+        np.minimum(counts, NIBBLE_ESCAPE, out=sym[:n], casting="unsafe")
+        sym[n:] = 0
+        escaped = counts[sym[:n] == NIBBLE_ESCAPE]
+        stream = sym[0::2] | (sym[1::2] << 4)
+    else:
+        values = counts if codec == "byte" else _delta_zigzag(counts)
+        stream = np.empty(n, dtype=np.uint8)
+        np.minimum(values, 255, out=stream, casting="unsafe")
+        escaped = values[stream == 255]
+    return {f"{name}_n": np.int64(n), f"{name}_codec": np.array(codec), f"{name}_stream": _deflate(stream),
+            f"{name}_escaped": _deflate(escaped.astype(np.int64 if codec == "delta" else np.int32))}
 
 
-def unpack_counts(z) -> np.ndarray:
+def unpack_counts(z, name: str = "counts") -> np.ndarray:
     """Used-pixel counts from an extract file's arrays (int32, or float64; see :func:`pack_counts`)."""
-    counts = z["counts"]
-    if "overflow_index" in z:
+    if f"{name}_stream" in z:
+        n, codec = int(z[f"{name}_n"]), str(z[f"{name}_codec"])
+        stream = _inflate(z[f"{name}_stream"], np.uint8)
+        if codec == "nibble":
+            if stream.size != (n + 1) // 2:
+                raise Sorry(f"{stream.size} bytes of {name} for {n} pixels; rerun diffuse.extract")
+            values = np.empty(2 * stream.size, dtype=np.int32)
+            np.bitwise_and(stream, 15, out=values[0::2], casting="unsafe")
+            np.right_shift(stream, 4, out=values[1::2], casting="unsafe")
+            values, escape = values[:n], NIBBLE_ESCAPE
+        elif codec in ("byte", "delta"):
+            if stream.size != n:
+                raise Sorry(f"{stream.size} bytes of {name} for {n} pixels; rerun diffuse.extract")
+            values, escape = stream.astype(np.int32 if codec == "byte" else np.int64), 255
+        else:
+            raise Sorry(f"unknown {name} codec {codec!r}; a newer diffuse.extract wrote this file?")
+        escaped = values == escape
+        exact = _inflate(z[f"{name}_escaped"], np.int64 if codec == "delta" else np.int32)
+        if exact.size != int(np.count_nonzero(escaped)):
+            raise Sorry(f"{exact.size} escaped {name} for {int(np.count_nonzero(escaped))} pixels; rerun diffuse.extract")
+        values[escaped] = exact
+        if codec == "delta":
+            values = np.cumsum((values >> 1) ^ -(values & 1)).astype(np.int32)
+        return values
+    counts = z[name]
+    if "overflow_index" in z and name == "counts":  # /1, /2: uint8 clipped at 255 + exact overflows
         counts = counts.astype(np.int32)
         counts[z["overflow_index"].astype(np.int64)] = z["overflow_counts"]
     elif counts.dtype == np.float32:
@@ -105,9 +231,30 @@ def unpack_counts(z) -> np.ndarray:
     return counts
 
 
+def n_counts(z, name: str = "counts") -> int:
+    """Number of used-pixel counts in an extract's arrays, without decoding them."""
+    return int(z[f"{name}_n"]) if f"{name}_n" in z else int(z[name].shape[0])
+
+
+def has_sample(z) -> bool:
+    """True when an extract's arrays hold the counts at :func:`sample_pixels` (schema /3)."""
+    return "sample_stream" in z or "sample" in z
+
+
+def sample_pixels(mask_bits: np.ndarray, n_pixels: int) -> np.ndarray:
+    """Flat indices of the sampled used pixels: every SAMPLE_STRIDE-th pixel
+    (0, SAMPLE_STRIDE, ...) that is used. Reads one bit of every
+    SAMPLE_STRIDE/8-th mask byte (np.packbits: first pixel = high bit)."""
+    candidates = np.arange(0, int(n_pixels), SAMPLE_STRIDE)
+    bits = np.asarray(mask_bits, dtype=np.uint8)[:: SAMPLE_STRIDE // 8][: candidates.size] >> 7
+    return candidates[bits.astype(bool)]
+
+
 def write_extract(path, *, mask, counts, A, exposure_time, geometry_key, ref,
-                  experiment_identifier: str = "", s0=None, beam_flux: float = 0.0, **extra):
-    """Write one still's extract (schema diffuse.extract/2), atomically (the only writer).
+                  experiment_identifier: str = "", s0=None, beam_flux: float = 0.0, sample=None, **extra):
+    """Write one still's extract (schema diffuse.extract/3), atomically (the only writer).
+
+    sample: the counts at :func:`sample_pixels` (taken from ``counts`` when None).
 
     s0: this still's beam (Å⁻¹); q = ŝ1/λ − s0 with the per-detector ŝ1 of
     ``geometry_<key>.npz``. beam_flux: the beam model's flux (0 = unknown).
@@ -116,37 +263,89 @@ def write_extract(path, *, mask, counts, A, exposure_time, geometry_key, ref,
     stills to experiments by it); extra: further arrays (the provenance fields).
     """
     mask = np.asarray(mask, dtype=bool)
-    arrays = {
-        "schema": np.array(EXTRACT_SCHEMA),
-        "mask_bits": np.packbits(mask),
-        "n_pixels": np.int64(mask.size),
-        **pack_counts(np.asarray(counts)),
-        "A": np.asarray(A, dtype=np.float64).reshape(3, 3),
-        "exposure_time": np.float64(exposure_time),
-        "geometry_key": np.array(geometry_key),
-        "experiment_index": np.int64(ref.experiment_index),
-        "image_path": np.array(ref.image_path),
-        "image_index": np.int64(ref.file_index),
-        "frame": np.int64(-1 if ref.frame is None else ref.frame),
-        "name": np.array(ref.name),
-        "experiment_identifier": np.array(experiment_identifier),
-        "beam_flux": np.float64(beam_flux),
-        **({} if s0 is None else {"s0": np.asarray(s0, dtype=np.float64).reshape(3)}),
-        **extra,
+    header = {
+        "n_pixels": int(mask.size),
+        "A": np.asarray(A, dtype=np.float64).reshape(3, 3).tolist(),
+        "exposure_time": float(exposure_time),
+        "geometry_key": str(geometry_key),
+        "experiment_index": int(ref.experiment_index),
+        "image_path": str(ref.image_path),
+        "image_index": int(ref.file_index),
+        "frame": int(-1 if ref.frame is None else ref.frame),
+        "name": str(ref.name),
+        "experiment_identifier": str(experiment_identifier),
+        "beam_flux": float(beam_flux),
+        **({} if s0 is None else {"s0": np.asarray(s0, dtype=np.float64).reshape(3).tolist()}),
     }
+    arrays = {"schema": np.array(EXTRACT_SCHEMA), "mask_deflate": _deflate(np.packbits(mask))}
+    packed = {**pack_counts(np.asarray(counts)),
+              **pack_counts(_sample_of(mask, counts) if sample is None else np.asarray(sample), "sample")}
+    for k, v in packed.items():  # the codecs' scalars go in the header
+        if np.ndim(v) == 0:
+            header[k] = v.item()
+        else:
+            arrays[k] = v
+    # one JSON member for the scalars: each npz member costs ~0.3 kB and a header parse
+    # (floats as repr: exact round trip)
+    arrays["header"] = np.array(json.dumps(header))
+    arrays.update(extra)
     from diffuse_cli import program
 
-    program.write_npz(path, compresslevel=program.FAST_ZIP_LEVEL, **arrays)
+    # stored: the big arrays are deflated already (pack_counts, _deflate)
+    program.write_npz(path, compressed=False, **arrays)
+
+
+def _sample_of(mask: np.ndarray, counts) -> np.ndarray:
+    """The used-pixel counts at sample_pixels, from the mask and all used-pixel counts."""
+    counts = np.asarray(counts)
+    rank = np.cumsum(mask) - 1  # position of each used pixel among the used ones
+    pixels = np.flatnonzero(mask[::SAMPLE_STRIDE]) * SAMPLE_STRIDE
+    return counts[rank[pixels]]
 
 
 def read_extract_arrays(path, fields=None) -> dict:
-    """The arrays of an extract file (all, or ``fields``), schema and fields checked."""
-    return read_npz(path, EXTRACT_SCHEMAS_READ, fields=fields,
-                    required=REQUIRED if fields is None else [f for f in REQUIRED if f in fields])
+    """The arrays of an extract file (all, or ``fields``), schema and fields checked.
+
+    ``mask_bits`` (np.packbits of the used-pixel mask) is returned decoded
+    whatever the schema; ask for ``COUNT_ARRAYS`` and decode them with
+    :func:`unpack_counts`.
+    """
+    wanted = None if fields is None else [*fields, "header"]
+    if wanted is not None and "mask_bits" in wanted:
+        wanted.append("mask_deflate")
+    z = read_npz(path, EXTRACT_SCHEMAS_READ, fields=wanted)
+    if "header" in z:  # /3: the scalars (and A, s0) as JSON
+        try:
+            header = json.loads(str(z.pop("header")))
+        except ValueError:
+            raise Sorry(f"{path}: unreadable header; rerun diffuse.extract") from None
+        for k, v in header.items():
+            if fields is None or k in fields:
+                z[k] = np.array(v)
+    missing = [f for f in (REQUIRED if fields is None else [f for f in REQUIRED if f in fields]) if f not in z]
+    if missing:
+        raise Sorry(f"{path}: {str(z.get('schema', 'extract'))} file without {', '.join(missing)}; "
+                    "rerun the program that wrote it")
+    if fields is None or "mask_bits" in fields:
+        _require_pixels(z, path, counts=fields is None or "counts" in fields)
+    if "mask_deflate" in z:
+        z["mask_bits"] = _inflate(z.pop("mask_deflate"), np.uint8)
+    return z
+
+
+def _require_pixels(z, path, counts: bool) -> None:
+    missing = []
+    if not any(n in z for n in MASK_ARRAYS):
+        missing.append("mask_bits")
+    if counts and "counts" not in z and "counts_stream" not in z:
+        missing.append("counts")
+    if missing:
+        raise Sorry(f"{path}: {str(z.get('schema', 'extract'))} file without {', '.join(missing)}; "
+                    "rerun the program that wrote it")
 
 
 def read_extract(path) -> Extracted:
-    """Read a ``diffuse.extract/2`` (or /1) file."""
+    """Read a ``diffuse.extract/3`` (or /2, /1) file."""
     z = read_extract_arrays(path)
     n = int(z["n_pixels"])
     mask = np.unpackbits(z["mask_bits"], count=n).astype(bool)
@@ -198,6 +397,6 @@ def is_complete(path) -> bool:
         return False
     try:
         with np.load(path, allow_pickle=False) as z:
-            return str(z["schema"]) == EXTRACT_SCHEMA and "counts" in z and "A" in z
+            return str(z["schema"]) == EXTRACT_SCHEMA and ("counts_stream" in z or "counts" in z) and ("header" in z or "A" in z)
     except (KeyError, *CORRUPT):
         return False

@@ -31,7 +31,9 @@ and adds what a diffuse pipeline needs around it. One module per job:
 * :mod:`.drivers`: serial, local processes (``nproc``) and MPI
   (``mp.method=mpi``), all calling the same per-unit function, so their
   per-still results are identical; the summary and the combined
-  ``.expt``/``.refl`` pair. QC plots: :mod:`diffuse_cli.qc_plots`.
+  ``.expt``/``.refl`` pair; the XFEL mode's integration sample
+  (``integration.sample``: which stills are integrated, topped up when sample
+  stills fail). QC plots: :mod:`diffuse_cli.qc_plots`.
 
 Imports go one way: inputs → records → isolation → still_route,
 sequence_route → drivers.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
+
 from diffuse_cli import program
 from diffuse_cli.formats.stills_process import write_stills_process_summary
 from diffuse_cli.stills.inputs import ROUTE_SEQUENCE, Item, group_sequences
@@ -143,6 +145,43 @@ def summarise(rows: list[dict]) -> str:
     return f"{n} images: {parts}"
 
 
+def choose_integration_sample(items: list[Item], n: int) -> list[Item]:
+    """XFEL mode: mark all but ``n`` evenly spaced stills (route stills) ``integrate=False``.
+
+    Rotation frames (routes sequence, rotation_as_stills) are always
+    integrated. Returns the sample.
+    """
+    from diffuse_cli.stills.inputs import ROUTE_STILLS
+
+    stills = [it for it in items if it.route == ROUTE_STILLS and it.error is None]
+    pick = set(np.unique(np.linspace(0, len(stills) - 1, min(n, len(stills))).round().astype(int)).tolist()) \
+        if stills else set()
+    for i, it in enumerate(stills):
+        it.integrate = i in pick
+    return [it for i, it in enumerate(stills) if i in pick]
+
+
+def sample_top_up(items: list[Item], rows: list[dict], n: int) -> list[Item]:
+    """Stills to process again with integration when sample stills failed to index.
+
+    Up to ``n`` integrated stills in all: the shortfall is taken, evenly spaced,
+    from the stills that were indexed without integration (marked
+    ``integrate=True`` here). Empty when the sample is complete.
+    """
+    from diffuse_cli.stills.inputs import ROUTE_STILLS
+
+    done = sum(1 for it, r in zip(items, rows) if it.route == ROUTE_STILLS and it.integrate and r.get("integrated"))
+    spare = [it for it, r in zip(items, rows) if not it.integrate and r["status"] == INDEXED]
+    missing = min(n - done, len(spare))
+    if missing <= 0:
+        return []
+    pick = np.unique(np.linspace(0, len(spare) - 1, missing).round().astype(int))
+    again = [spare[i] for i in pick]
+    for it in again:
+        it.integrate = True
+    return again
+
+
 def run_stills_process(params, paths, phil, comm=None):
     """The body of diffuse.stills_process after parsing (``phil``: the parser's working PHIL,
     for the parameter fingerprint); every rank calls it under MPI."""
@@ -188,6 +227,11 @@ def run_stills_process(params, paths, phil, comm=None):
             if it.route in (inputs.ROUTE_ROTATION_AS_STILLS, inputs.ROUTE_SEQUENCE):
                 logger.info("  %s: rotation frame of %.3f deg (header width %.3f deg) -> route %s",
                             it.tag, it.osc_width, it.header_osc_width, it.route)
+        sample = params.integration.sample
+        if sample is not None:
+            chosen = choose_integration_sample(items, sample)
+            logger.info("XFEL mode (integration.sample=%d): %d stills integrated, the other %d indexed and "
+                        "refined only", sample, len(chosen), sum(not it.integrate for it in items))
         config = records.Config(
             params=params,
             directory=directory,
@@ -228,6 +272,21 @@ def run_stills_process(params, paths, phil, comm=None):
             position = {it.tag: i for i, it in enumerate(items)}
             for it, res in zip(again, redone):
                 results[position[it.tag]] = res
+    if params.integration.sample is not None:
+        top_up = None
+        if rank == 0:
+            top_up = sample_top_up(items, [r[0] for r in results], params.integration.sample)
+            if top_up:
+                logger.info("Integration sample short (sample stills not indexed): integrating %d other "
+                            "indexed stills", len(top_up))
+        if comm is not None:
+            top_up = comm.bcast(top_up, root=0)
+        if top_up:
+            redone = run_items(top_up)
+            if rank == 0:
+                position = {it.tag: i for i, it in enumerate(items)}
+                for it, res in zip(top_up, redone):
+                    results[position[it.tag]] = res
     if rank != 0:
         return None
     elapsed = time.perf_counter() - t0

@@ -52,6 +52,8 @@ class Item:
     # a detector to process this image with (diffuse_cli.shared_detector), else
     # the user's input.reference_geometry, else the header's
     reference_geometry: str | None = None
+    # False: index and refine only (integration.sample, the XFEL mode)
+    integrate: bool = True
 
 
 #: files found by listing a directory (unrecognised ones are skipped, not rows)

@@ -46,6 +46,7 @@ _NOT_IN_KEY = (
     "input.max_images",
     "input.image_tag",
     "input.show_image_tags",
+    "integration.sample",  # its effect per still is Item.integrate, in the key
 )
 
 
@@ -71,6 +72,7 @@ def empty_row(item: Item) -> dict:
         "n_spots": 0,
         "n_indexed": 0,
         "n_integrated": 0,
+        "integrated": False,
         "n_lattices": 0,
         "space_group": "",
         "a": None, "b": None, "c": None, "alpha": None, "beta": None, "gamma": None,
@@ -102,7 +104,7 @@ def params_fingerprint(phil_scope, params) -> str:
 
 
 def item_key(item: Item, fingerprint: str) -> str:
-    """sha256 of the input (path, size, mtime, frame, route) and the parameters."""
+    """sha256 of the input (path, size, mtime, frame, route, integrated or not) and the parameters."""
     st = os.stat(item.path)
     parts = {
         "path": os.path.abspath(item.path),
@@ -112,6 +114,8 @@ def item_key(item: Item, fingerprint: str) -> str:
         "route": item.route,
         "osc_width": round(item.osc_width, 6),
         "reference_geometry": _file_sha256(item.reference_geometry) if item.reference_geometry else None,
+        # (full-integration keys stay as before this field existed)
+        **({} if item.integrate else {"integrate": False}),
         "params": fingerprint,
         "version": DONE_RECORD_VERSION,
     }

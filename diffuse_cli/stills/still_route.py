@@ -2,8 +2,10 @@
 
 Import (geometry overrides, reference detector) → spot finding → hit finding
 → indexing → refinement → integration with :class:`dials.command_line.
-stills_process.Processor`; then deterministic identifiers, Lorentzian stills
-partialities, q-consistency and the per-still files, and the done-record.
+stills_process.Processor` (in the XFEL mode, ``Item.integrate`` False: the
+profile model only, no integration); then deterministic identifiers,
+Lorentzian stills partialities, q-consistency and the per-still files, and
+the done-record.
 Also the route ``rotation_as_stills`` (rotation frames processed as stills of
 their width, with wider indexing limits).
 """
@@ -212,6 +214,29 @@ def set_stills_partiality(experiments, reflections) -> str:
     return "lorentzian_rs"
 
 
+def profile_models(processor, params, experiments, indexed):
+    """The experiments ``processor.integrate`` would integrate, without integrating.
+
+    As DIALS 3.12's ``Processor.integrate`` does before it predicts: the
+    integration-only trusted range, the profile model from the indexed spots
+    (``ProfileModelFactory``) and the rejection of experiments whose σ_b
+    exceeds ``profile.gaussian_rs.parameters.sigma_b_cutoff``; an
+    ExperimentList (possibly empty).
+    """
+    from dials.algorithms.profile_model.factory import ProfileModelFactory
+    from dxtbx.model.experiment_list import ExperimentList
+
+    reference, _ = processor.process_reference(indexed)
+    trusted = params.integration.integration_only_overrides.trusted_range
+    if trusted:
+        for detector in experiments.detectors():
+            for panel in detector:
+                panel.set_trusted_range(trusted)
+    experiments = ProfileModelFactory.create(params, experiments, reference)
+    cutoff = params.profile.gaussian_rs.parameters.sigma_b_cutoff
+    return ExperimentList([e for e in experiments if cutoff is None or e.profile.sigma_b() < cutoff])
+
+
 class _StageError(Exception):
     def __init__(self, stage: str, error: BaseException):
         super().__init__(f"{stage}: {one_line(error)}")
@@ -237,6 +262,7 @@ def process_item(item: Item, config: Config) -> tuple[dict, list[int] | None]:
         if record is not None:
             row = dict(record["row"])
             row["resumed"] = True
+            row.setdefault("integrated", row["status"] == INDEXED)  # records from before the XFEL mode
             return row, record.get("partiality_hist")
     t0 = time.perf_counter()
     hist = None
@@ -302,11 +328,16 @@ def _process_still(item: Item, params, directory: str, row: dict):
     experiments, indexed = stage("indexing", processor.index, experiments, observed)
     experiments, indexed = stage("refinement", processor.refine, experiments, indexed)
     row["n_indexed"] = len(indexed)
-    stage("integration", processor.integrate, experiments, indexed)
-    final_expts = processor.all_integrated_experiments
-    integrated = processor.all_integrated_reflections
+    if item.integrate:
+        stage("integration", processor.integrate, experiments, indexed)
+        final_expts = processor.all_integrated_experiments
+        integrated = processor.all_integrated_reflections
+    else:  # XFEL mode (integration.sample): the models integration would use, no integration
+        final_expts = stage("profile model", profile_models, processor, sp, experiments, indexed)
+        integrated = None
     if len(final_expts) == 0:
-        raise _StageError("integration", RuntimeError("no experiment left after integration"))
+        raise _StageError("integration", RuntimeError(
+            "no experiment left after integration" if item.integrate else "no experiment within sigma_b_cutoff"))
 
     # indexed spots of the experiments that survived integration, renumbered
     kept = {e.identifier: i for i, e in enumerate(final_expts)}
@@ -327,27 +358,30 @@ def _process_still(item: Item, params, directory: str, row: dict):
     # deterministic identifiers: the image tag (and lattice number)
     n_lat = len(final_expts)
     new_identifiers = [item.tag if n_lat == 1 else f"{item.tag}_{i}" for i in range(n_lat)]
-    for table in (integrated, indexed_kept):
+    tables = [t for t in (integrated, indexed_kept) if t is not None]
+    for table in tables:
         for k in list(table.experiment_identifiers().keys()):
             del table.experiment_identifiers()[k]
     for i, (expt, ident) in enumerate(zip(final_expts, new_identifiers)):
         expt.identifier = ident
-        integrated.experiment_identifiers()[i] = ident
-        indexed_kept.experiment_identifiers()[i] = ident
+        for table in tables:
+            table.experiment_identifiers()[i] = ident
 
-    part_model = set_stills_partiality(final_expts, integrated)
+    part_model = set_stills_partiality(final_expts, integrated) if integrated is not None else ""
     dq, _ = q_consistency(final_expts, indexed_kept)
     rmsd, _ = calc_2D_rmsd_and_displacements(indexed_kept)
     crystal = final_expts[0].crystal
     uc = crystal.get_unit_cell().parameters()
-    part = integrated["partiality"].as_numpy_array() if "partiality" in integrated else np.zeros(0)
+    part = (integrated["partiality"].as_numpy_array() if integrated is not None and "partiality" in integrated
+            else np.zeros(0))
     hist = np.histogram(np.clip(part, 0, 1), bins=PARTIALITY_BINS)[0].tolist() if part.size else None
     row.update(
         {
             "status": INDEXED,
             "reason": "",
             "n_indexed": len(indexed_kept),
-            "n_integrated": len(integrated),
+            "n_integrated": len(integrated) if integrated is not None else 0,
+            "integrated": integrated is not None,
             "n_lattices": n_lat,
             "space_group": str(crystal.get_space_group().info()),
             "a": uc[0], "b": uc[1], "c": uc[2], "alpha": uc[3], "beta": uc[4], "gamma": uc[5],
@@ -367,9 +401,16 @@ def _process_still(item: Item, params, directory: str, row: dict):
         )
     # write outputs, then (in the caller) the done-record
     stills_dir = os.path.join(directory, "stills")
+    os.makedirs(stills_dir, exist_ok=True)
+    if integrated is None:  # refined models and indexed spots are the still's files
+        expt_rel = os.path.join("stills", f"{item.tag}_indexed.expt")
+        refl_rel = os.path.join("stills", f"{item.tag}_indexed.refl")
+        program.write_experiments(os.path.join(directory, expt_rel), final_expts)
+        program.write_reflections(os.path.join(directory, refl_rel), indexed_kept)
+        row["experiments"], row["reflections"] = expt_rel, refl_rel
+        return row, hist, [expt_rel, refl_rel]
     expt_rel = os.path.join("stills", f"{item.tag}_integrated.expt")
     refl_rel = os.path.join("stills", f"{item.tag}_integrated.refl")
-    os.makedirs(stills_dir, exist_ok=True)
     program.write_experiments(os.path.join(directory, expt_rel), final_expts)
     program.write_reflections(os.path.join(directory, refl_rel), integrated)
     outputs = [expt_rel, refl_rel]

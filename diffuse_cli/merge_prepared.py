@@ -1,0 +1,302 @@
+"""Observations prepared once per still for the scaling passes of diffuse.merge.
+
+A pass needs, per observation, only its ASU voxel (int32, compact: inside the
+resolution sphere) and I, σ, v1 (float32): :func:`prepare_still` computes them once,
+:class:`_PreparedStore` keeps them in memory up to ``CACHE_BYTES`` and spills
+further stills to temporary ``.npy`` files (scratch, not a file format), read
+back memory-mapped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffuse_cli import merge_accumulator as _ma
+from diffuse_cli.grid import HKLGrid
+from diffuse_cli.merge_accumulator import MergedMap, voxel_flat
+from diffuse_cli.scaling import FitResult, fit_scale, relax
+
+logger = logging.getLogger("diffuse.merge")
+
+
+def _valid_obs(hkl, I, sig, variance_per_intensity=None):
+    """Usable observations: σ > 0, or σ >= 0 with a variance model (zero counts count)."""
+    ok = np.isfinite(I) & np.isfinite(sig) & np.all(np.isfinite(hkl), axis=1)
+    if variance_per_intensity is None:
+        return ok & (sig > 0)
+    return ok & (sig >= 0) & (variance_per_intensity > 0)
+
+
+def _reference_subset(grid, reference: MergedMap, hkl, I, sig, v1, fit_max_obs, min_counts, seed):
+    """Indices of a still's usable observations (at most ``fit_max_obs``, random, fixed by
+    ``seed``) whose reference voxel has ≥ ``min_counts`` counts and a finite I, and that I."""
+    sel = np.flatnonzero(_valid_obs(hkl, I, sig, v1))
+    if len(sel) > fit_max_obs:
+        sel = np.sort(np.random.default_rng(seed).choice(sel, fit_max_obs, replace=False))
+    flat, inside = voxel_flat(grid, hkl[sel])
+    sel, flat = sel[inside], flat[inside]
+    rep = reference.lut[flat]
+    good = rep >= 0
+    rep = np.where(good, rep, 0)
+    good &= reference.counts[rep] >= min_counts
+    sel, rep = sel[good], rep[good]
+    ref = reference.I[rep]
+    good = np.isfinite(ref)
+    return sel[good], ref[good]
+
+
+# ---------------------------------------------------------------- cached passes
+#
+# The scaling passes need, per observation, only its ASU voxel and I, σ, v1:
+# those are computed once per still (prepare_still) and kept, so that a pass
+# is one fit on a fixed subset and one fused accumulation kernel
+# (merge_accumulator._pass) per still.
+
+#: bytes of prepared observations kept in memory; beyond, stills are written to
+#: temporary .npy files and read back memory-mapped in every pass (≈ 17 bytes per
+#: observation inside the resolution range, plus the fit subset)
+CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class PreparedStill:
+    """One still's observations as the scaling passes use them (computed once).
+
+    Arrays over the observations inside the ASU range (the others are never
+    merged): ``c`` int32 compact voxel (:func:`compact_tables`), ``side`` int8
+    Bijvoet side, ``I``, ``sigma``, ``v1`` (variance per intensity, or None),
+    ``dss`` (d*², only with a resolution-dependent scale) float32.
+    ``n_dropped``: observations outside the range; ``typical``: the still's
+    median positive I (expected intensity where there is no reference).
+    ``fit``: the fit subset (at most fit_max_obs, fixed by the still's seed),
+    float64: c, I, sigma, v1, dss.
+    """
+
+    c: np.ndarray
+    side: np.ndarray
+    I: np.ndarray
+    sigma: np.ndarray
+    v1: np.ndarray | None
+    dss: np.ndarray | None
+    n_dropped: int
+    typical: float
+    fit: dict
+
+    def arrays(self) -> dict:
+        out = {k: getattr(self, k) for k in ("c", "side", "I", "sigma", "v1", "dss")}
+        out.update({f"fit_{k}": v for k, v in self.fit.items()})
+        return {k: v for k, v in out.items() if v is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(v.nbytes for v in self.arrays().values()))
+
+
+def _hkl_of(obs, sel=None, ops=()) -> np.ndarray:
+    """Fractional hkl (float64 unless given) of observations ``sel``, then h·M for M in ``ops``."""
+    if "hkl" in obs:
+        hkl = np.asarray(obs["hkl"])
+        hkl = hkl if sel is None else hkl[sel]
+    else:  # as geometry.hkl_from_q, column by column in float64
+        q = obs["q_unit"][obs["pixel"] if sel is None else obs["pixel"][sel]]
+        M = obs["hkl_matrix"]
+        cols = [q[:, i].astype(np.float64) for i in range(3)]
+        hkl = np.empty((len(q), 3))
+        for j in range(3):
+            hkl[:, j] = cols[0] * M[j, 0] + cols[1] * M[j, 1] + cols[2] * M[j, 2]
+    for M in ops:
+        hkl = hkl @ np.asarray(M).astype(hkl.dtype)
+    return hkl
+
+
+def prepare_still(obs: dict, grid: HKLGrid, table: np.ndarray, hand: np.ndarray | None, gstar,
+                  reindex=None, fit_max_obs: int = 200_000, seed: int = 0,
+                  with_dss: bool = False) -> PreparedStill:
+    """The arrays the scaling passes need from one still (see :class:`PreparedStill`).
+
+    obs: a source's still, with ``hkl`` or (diffuse.correct files, FileSource.load_deferred)
+    ``pixel``, ``q_unit``, ``hkl_matrix`` and ``operator``; reindex: None or the still's
+    ambiguity operator (h' = h·M, after the crystal's). The voxel of an observation is its
+    hkl rounded exactly as :func:`voxel_flat` rounds it.
+    """
+    I = np.asarray(obs["I"])
+    sig = np.asarray(obs["sigma"])
+    v1 = obs.get("variance_per_intensity")
+    n = len(I)
+    ops = [M for M in (obs.get("operator"), reindex) if M is not None]
+    c = np.empty(n, dtype=np.int32)
+    side = np.empty(n, dtype=np.int8)
+    hd = np.empty(0, dtype=np.int8) if hand is None else hand
+    ndiv = np.asarray(grid.ndiv, dtype=np.float64)
+    offset = np.asarray(grid.hkl_max, dtype=np.int64) * np.asarray(grid.ndiv)
+    shape = np.asarray(grid.shape, dtype=np.int64)
+    if "hkl" in obs:
+        hkl = _hkl_of(obs, ops=ops)
+        hkl = np.ascontiguousarray(hkl if hkl.dtype in (np.float32, np.float64) else hkl.astype(np.float64))
+        _ma._voxels_hkl(hkl, ndiv.astype(hkl.dtype), offset, shape, table, hd, c, side)
+        finite_hkl = np.all(np.isfinite(hkl), axis=1)
+    else:
+        R = np.eye(3)
+        for M in ops:
+            R = R @ np.asarray(M, dtype=np.float64)
+        pix = np.ascontiguousarray(obs["pixel"], dtype=np.int64)
+        _ma._voxels_q(obs["q_unit"], pix, np.ascontiguousarray(obs["hkl_matrix"], dtype=np.float64), R,
+                      bool(ops), ndiv, offset, shape, table, hd, c, side)
+        finite_hkl = True
+    I_f = I.astype(np.float64, copy=False)
+    s_f = sig.astype(np.float64, copy=False)
+    typical = (float(np.median(I_f[I_f > 0])) if np.any(I_f > 0) else 1.0) if v1 is not None else 1.0
+    # the fit subset: as _reference_subset (the same observations in every pass)
+    ok = np.isfinite(I_f) & np.isfinite(s_f) & finite_hkl
+    ok &= (s_f > 0) if v1 is None else (s_f >= 0) & (np.asarray(v1) > 0)
+    sel = np.flatnonzero(ok)
+    if len(sel) > fit_max_obs:
+        sel = np.sort(np.random.default_rng(seed).choice(sel, fit_max_obs, replace=False))
+    sel = sel[c[sel] >= 0]
+    h = _hkl_of(obs, sel, ops).astype(np.float64)
+    fit = {"c": c[sel], "I": I_f[sel].copy(), "sigma": s_f[sel].copy(),
+           "v1": None if v1 is None else np.asarray(v1, dtype=np.float64)[sel],
+           "dss": np.einsum("ni,ij,nj->n", h, gstar, h)}
+    keep = np.flatnonzero(c >= 0)
+    dss = None
+    if with_dss:
+        hk = _hkl_of(obs, keep, ops).astype(np.float64)
+        dss = np.einsum("ni,ij,nj->n", hk, gstar, hk).astype(np.float32)
+    return PreparedStill(c[keep], side[keep], I[keep].astype(np.float32), sig[keep].astype(np.float32),
+                         None if v1 is None else np.asarray(v1)[keep].astype(np.float32), dss,
+                         n - len(keep), typical, {k: v for k, v in fit.items() if v is not None})
+
+
+class _PreparedStore:
+    """Prepared stills in memory up to ``max_bytes``, the rest in temporary .npy files (mmap)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.in_memory = 0
+        self.items: dict = {}
+        self.directory = None
+
+    def put(self, i: int, p: PreparedStill) -> None:
+        if self.in_memory + p.nbytes <= self.max_bytes:
+            self.items[i] = p
+            self.in_memory += p.nbytes
+            return
+        import tempfile
+
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="diffuse_merge_")
+        import os
+
+        names = {}
+        for k, v in p.arrays().items():
+            names[k] = os.path.join(self.directory, f"{i}_{k}.npy")
+            np.save(names[k], v)
+        self.items[i] = (names, p.n_dropped, p.typical)
+
+    def get(self, i: int) -> PreparedStill:
+        item = self.items[i]
+        if isinstance(item, PreparedStill):
+            return item
+        names, n_dropped, typical = item
+        a = {k: np.load(f, mmap_mode="r") for k, f in names.items()}
+        fit = {k[4:]: np.asarray(v) for k, v in a.items() if k.startswith("fit_")}
+        return PreparedStill(a["c"], a["side"], a["I"], a["sigma"], a.get("v1"), a.get("dss"),
+                             n_dropped, typical, fit)
+
+    @property
+    def n_spilled(self) -> int:
+        return sum(not isinstance(v, PreparedStill) for v in self.items.values())
+
+    def close(self) -> None:
+        if self.directory is not None:
+            import shutil
+
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+_SCRATCH: dict = {}
+
+
+def _buffer(name: str, n: int) -> np.ndarray:
+    """A float64 scratch array of length n, reused between stills and passes (fewer page
+    faults than a fresh 8-bytes-per-observation array each time); freed by _SCRATCH.clear()."""
+    buf = _SCRATCH.get(name)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH[name] = np.empty(max(n, 1))
+    return buf[:n]
+
+
+def _floor(expected: np.ndarray, typical: float, n_typical: int) -> float:
+    """model_variance's floor, 1e-3 × the median of the positive expected intensities of
+    the whole still: ``expected`` (the observations kept) and ``n_typical`` more equal to
+    ``typical`` (those outside the range). Exact: the same order statistics as np.median."""
+    pos = expected[expected > 0]
+    m = n_typical if typical > 0 else 0
+    total = pos.size + m
+    if total == 0:
+        return 1e-12
+    ks = sorted({(total - 1) // 2, total // 2})
+    below = int(np.count_nonzero(pos < typical)) if m else pos.size
+    where = [k if k < below else (None if k < below + m else k - m) for k in ks]
+    need = sorted({w for w in where if w is not None})
+    if need:
+        pos.partition(need)  # pos is a copy already: in place
+    vals = [typical if w is None else pos[w] for w in where]
+    med = vals[0] if len(vals) == 1 else (vals[0] + vals[1]) / 2
+    return 1e-3 * float(med)
+
+
+def _leave_one_out_prepared(ref_I, ref_sigma, ref_counts, p: PreparedStill, multiplier, reject_limit,
+                            min_counts):
+    """scaling.leave_one_out_voxels (offset 0) at the still's fit subset, the own sums by one
+    compiled pass over its prepared observations (equal to it to rounding; tested)."""
+    from diffuse_cli.scaling import LOO_MIN_SHARE
+
+    n_c = len(ref_I)
+    m = np.ascontiguousarray(np.atleast_1d(np.asarray(multiplier, dtype=np.float64)))
+    floor = 0.0
+    if p.v1 is not None:  # model_variance's floor over m·R (0 where no reference)
+        e = _buffer("loo", len(p.c))
+        _ma._expected(p.c, ref_I, m, 0.0, e)
+        floor = _floor(e, 0.0, 0)
+        del e
+    W_own, S_own, n_own = np.zeros(n_c), np.zeros(n_c), np.zeros(n_c, dtype=np.int64)
+    _ma._own_sums(p.c, p.I, p.sigma, np.empty(0) if p.v1 is None else p.v1, m, ref_I, floor,
+                  float(reject_limit) if reject_limit else -1.0, W_own, S_own, n_own)
+    r = p.fit["c"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        W = 1.0 / np.asarray(ref_sigma, dtype=np.float64)[r] ** 2
+        W_other = W - W_own[r]
+        n_other = np.asarray(ref_counts)[r] - n_own[r]
+        ref = (np.asarray(ref_I, dtype=np.float64)[r] * W - S_own[r]) / W_other
+        usable = (n_other >= min_counts) & (W_other > LOO_MIN_SHARE * W) & np.isfinite(ref) & np.isfinite(W)
+        ref_var = np.where(usable, 1.0 / W_other, np.nan)
+    return np.where(usable, ref, np.nan), ref_var, usable
+
+
+def _fit_prepared(model, p: PreparedStill, ref_I, ref_counts, min_counts, previous=None) -> FitResult:
+    """fit_scale on the still's fixed subset, where the reference has ≥ min_counts and a finite I.
+
+    previous: (scale parameters, reject limit, own share, reference σ) of the still's last
+    pass: the reference without the still's own contribution (scaling.leave_one_out), then relax."""
+    f = p.fit
+    c = f["c"]
+    ref = ref_I[c]
+    good = (ref_counts[c] >= min_counts) & np.isfinite(ref)
+    v1 = f.get("v1")
+    ref_var = None
+    if previous is not None:
+        m = (float(previous[0][0]) if model.n_control_points == 1
+             else model.evaluate(previous[0], np.asarray(p.dss, dtype=np.float64)))
+        ref, ref_var, good = _leave_one_out_prepared(ref_I, previous[3], ref_counts, p, m, previous[1],
+                                                     min_counts)
+    fit = fit_scale(model, f["I"][good], f["sigma"][good], ref[good], f["dss"][good],
+                    variance_per_intensity=None if v1 is None else v1[good],
+                    reference_variance=None if ref_var is None else ref_var[good])
+    return fit if previous is None else relax(fit, previous[0], own_share=previous[2])
+
+
