@@ -27,7 +27,7 @@ summed with ``Allreduce``, giving the same map as a serial run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -175,8 +175,6 @@ def _carried_map(merged: MergedMap, previous: MergedMap | None) -> MergedMap:
     """:func:`_carry_rejected` on merged maps (the reference of the next pass)."""
     if previous is None:
         return merged
-    from dataclasses import replace
-
     I, sig, cnt = _carry_rejected(merged.I, merged.sigma, merged.counts, previous.I, previous.sigma, previous.counts)
     return merged if I is merged.I else replace(merged, I=I, sigma=sig, counts=cnt)
 
@@ -322,16 +320,7 @@ def scale_and_merge(
             # whose observations all have zero counts still gets σ > 0
             acc.add(hkl, I, sig if weight is None else model_sigma, factor,
                     half=int(half[i]), chunk=chunk, weight=weight)
-        acc.reduce(comm)
-        if comm is not None and size > 1:
-            from mpi4py import MPI
-
-            comm.Allreduce(MPI.IN_PLACE, new, op=MPI.SUM)
-            comm.Allreduce(MPI.IN_PLACE, ok, op=MPI.SUM)
-            fits = _gather_fits(comm, fits, mine, n_stills)
-        c = normalisation(new, ok > 0) if reference is not None else 1.0
-        new = new / c
-        change = float(np.max(np.abs(new / params - 1.0))) if reference is not None else np.inf
+        new, fits, c, change = _end_of_pass(acc, comm, new, ok, fits, mine, params, reference is not None)
         params = new
         merged = acc.merge(lut, factor=c, hand=hand)
         n_obs = acc.n_added
@@ -557,6 +546,24 @@ def _gather_fits(comm, fits, mine, n_stills):
     return out
 
 
+def _end_of_pass(acc, comm, new, ok, fits, mine, params, scaled: bool):
+    """The sums, new per-still parameters and fits of a simple-model pass gathered over MPI
+    ranks; the parameters normalised (:func:`normalisation`). Returns (params, fits,
+    normalisation factor, max relative change; inf on the unscaled first pass)."""
+    acc.reduce(comm)
+    if comm is not None and comm.Get_size() > 1:
+        from mpi4py import MPI
+
+        comm.Allreduce(MPI.IN_PLACE, new, op=MPI.SUM)
+        comm.Allreduce(MPI.IN_PLACE, ok, op=MPI.SUM)
+        fits = _gather_fits(comm, fits, mine, len(fits))
+    if not scaled:
+        return new, fits, 1.0, np.inf
+    norm = normalisation(new, ok > 0)
+    new = new / norm
+    return new, fits, norm, float(np.max(np.abs(new / params - 1.0)))
+
+
 def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=None, scale=True, model=None,
                             max_iterations=10, tolerance=1e-3, reindex=None, half_seed=0, half_blocks=None,
                             friedel=True, fit_max_obs=200_000, min_reference_counts=2, comm=None, lut=None,
@@ -631,16 +638,7 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
                 acc.n_added += _ma._pass(p.c, p.side, p.I, p.sigma, empty if p.v1 is None else p.v1,
                                          factor, ref, expected, floor, limit if np.isfinite(limit) else 0.0,
                                          acc.acc[h], acc.fr)
-            acc.reduce(comm)
-            if comm is not None and size > 1:
-                from mpi4py import MPI
-
-                comm.Allreduce(MPI.IN_PLACE, new, op=MPI.SUM)
-                comm.Allreduce(MPI.IN_PLACE, ok, op=MPI.SUM)
-                fits = _gather_fits(comm, fits, mine, n_stills)
-            norm = normalisation(new, ok > 0) if reference is not None else 1.0
-            new = new / norm
-            change = float(np.max(np.abs(new / params - 1.0))) if reference is not None else np.inf
+            new, fits, norm, change = _end_of_pass(acc, comm, new, ok, fits, mine, params, reference is not None)
             params = new
             scaled = reference is not None
             previous = reference
