@@ -401,6 +401,7 @@ def run_correct(params, experiments, return_rows=True):
         expt = experiments[idx]
         parts = {
             "schema": factors_format.FACTORS_SCHEMA,
+            "formulas": corrections.FORMULAS_VERSION,
             "geometry": provenance.content_fingerprint(geometry_file),
             "models": provenance.models_fingerprint(expt, ("detector", "beam")),
             "params": provenance.phil_values(params, FACTORS_PARAMS),

@@ -94,6 +94,9 @@ class CorrectionOptions:
 
 
 MULTIPLIER_NAMES = ("solid_angle", "polarization", "efficiency", "air", "kapton")
+#: Changes whenever a factor's formula changes, so that diffuse.correct recomputes
+#: factors files made by older code (2: Ω of the parallax entry patch).
+FORMULAS_VERSION = 2
 
 
 def _efficiency_applies(panel, options: CorrectionOptions) -> bool:
