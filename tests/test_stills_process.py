@@ -647,3 +647,52 @@ def test_xfel_mode_masks_map_and_scale_match_full_integration(xfel_vs_full):
     assert ok.sum() > 10_000
     assert cc >= 0.999
     assert abs(ratio - 1) < 0.05
+
+
+@pytest.mark.slow
+def test_xfel_mode_still_reads_its_image_once_and_is_not_integrated(simulated, tmp_path):
+    """A still the XFEL mode does not integrate costs DIALS's spot finding and indexing and
+    little else (benchmarks/bench_stills_process.py, run per_still): the image's pixels are
+    read once (by the spot finder), DIALS's integrator is never called, and its files are
+    the refined models and the indexed strong spots (their spot-finder shoeboxes, which
+    bragg_mask method=shoebox uses, but no integrated reflection)."""
+    import dials.command_line.stills_process as dsp
+    from dials.array_family import flex
+    from dxtbx.format.Registry import get_format_class_for_file
+    from libtbx.phil import parse
+
+    from diffuse_cli.command_line.stills_process import phil_scope
+    from diffuse_cli.stills.records import Config
+
+    images = [str(a) for a in simulated["args"] if str(a).endswith((".cbf", ".h5", ".nxs", ".img"))]
+    options = [str(a) for a in simulated["args"] if "=" in str(a) and not str(a).startswith(("output.", "nproc"))]
+    params = phil_scope.fetch(sources=[parse(a) for a in options + [f"output.directory={tmp_path}"]]).extract()
+    item = inputs.discover(images[:1], "auto")[0]
+    item.integrate = False
+    fmt = get_format_class_for_file(item.path)
+    calls = {"get_raw_data": 0, "integrate": 0}
+    read, integrate = fmt.get_raw_data, dsp.Processor.integrate
+
+    def counted_read(self, *args, **kwargs):
+        calls["get_raw_data"] += 1
+        return read(self, *args, **kwargs)
+
+    def counted_integrate(self, *args, **kwargs):
+        calls["integrate"] += 1
+        return integrate(self, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fmt, "get_raw_data", counted_read)
+    mp.setattr(dsp.Processor, "integrate", counted_integrate)
+    try:
+        row, _ = still_route.process_item(item, Config(params=params, directory=str(tmp_path), fingerprint="t"))
+    finally:
+        mp.undo()
+    assert row["status"] == "indexed" and not row["integrated"], row
+    assert calls == {"get_raw_data": 1, "integrate": 0}, calls
+    assert sorted(p.name for p in (tmp_path / "stills").iterdir()) == [f"{item.tag}_indexed.expt",
+                                                                      f"{item.tag}_indexed.refl"]
+    refl = flex.reflection_table.from_file(str(tmp_path / row["reflections"]))
+    assert len(refl) == row["n_indexed"] > 0
+    assert refl.get_flags(refl.flags.indexed).count(True) == len(refl)
+    assert refl.get_flags(refl.flags.integrated_sum).count(True) == 0
