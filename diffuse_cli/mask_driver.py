@@ -22,6 +22,7 @@ from diffuse_cli.mask_bragg import (_hkl_key, estimate_bragg_shape, has_intensit
 from diffuse_cli.mask_pixels import dynamic_mask, static_mask, strong_pixel_mask
 from diffuse_cli.mask_plots import write_png
 from diffuse_cli.mask_rotation import fit_peak_model, fitted_bragg_mask, peak_observations, rotation_bragg_mask
+from diffuse_cli.mask_spots import spot_bragg_mask, spot_model, spot_profile_moments
 from diffuse_cli.mask_shoebox import shoebox_bragg_mask
 
 logger = logging.getLogger("diffuse.masking")
@@ -101,11 +102,12 @@ def reflections_by_experiment(reflections, experiments, reflection_file: str = "
     return out
 
 
-def bragg_mask_for_image(refs, experiments, reflections, geometry, params, valid):
+def bragg_mask_for_image(refs, experiments, reflections, geometry, params, valid, counts=None, strong=None):
     """True on Bragg pixels of one image, over all its lattices; and per-lattice shapes.
 
     reflections: None, or ``{experiment index: reflection table}`` from
-    :func:`reflections_by_experiment`.
+    :func:`reflections_by_experiment`. counts, strong: the image's counts and
+    undilated strong pixels, for the ``peak_model=spots`` frames.
     """
     from diffuse_cli.geometry import setting_matrix
 
@@ -116,7 +118,12 @@ def bragg_mask_for_image(refs, experiments, reflections, geometry, params, valid
         # reflections: {experiment index: its rows}, matched by identifier
         refl = None if reflections is None else reflections.get(ref.experiment_index)
         peak_model = _STATE.get("peak_models", {}).get(ref.experiment_index)
-        if params.method == "predicted" and ref.frame is not None and peak_model is not None:
+        spots = _STATE.get("spot_models", {}).get(ref.experiment_index)
+        if params.method == "predicted" and ref.frame is not None and spots is not None:
+            mask, counted = spot_bragg_mask(geometry, expt, ref.frame, spots, counts, valid, strong=strong)
+            bragg |= mask
+            shapes.append({**spots.as_dict(), "n_spots_masked": counted})
+        elif params.method == "predicted" and ref.frame is not None and peak_model is not None:
             M = setting_matrix(expt.crystal, expt.goniometer, expt.scan, ref.frame)
             bragg |= fitted_bragg_mask(geometry, M, expt.crystal.get_space_group(), peak_model, select=valid)
             shapes.append(peak_model.as_dict())
@@ -229,9 +236,21 @@ def _mask_one_entry(name, refs):
     else:
         counts = raw_counts(expt.imageset, refs[0].image_index)
         valid = static & trusted_mask(expt.detector, counts, geometry)
-        bragg, shapes = bragg_mask_for_image(refs, experiments, st["reflections"], geometry, params, valid)
         sp = params.strong_pixels
-        if sp.enable:
+        # spots-model frames: strong spots grown by their own peak (spot_bragg_mask), not dilated
+        by_spots = any(r.experiment_index in st.get("spot_models", {}) for r in refs)
+        strong0 = None
+        if sp.enable and by_spots:
+            strong0 = strong_pixel_mask(
+                counts, valid, geometry, n_sigma_b=sp.n_sigma_b, n_sigma_s=sp.n_sigma_s,
+                global_threshold=sp.global_threshold, min_local=sp.min_local, gain=sp.gain,
+                min_spot_size=sp.min_spot_size, dilation_px=0,
+            )
+        bragg, shapes = bragg_mask_for_image(refs, experiments, st["reflections"], geometry, params, valid,
+                                             counts=counts, strong=strong0)
+        if strong0 is not None:
+            entry["strong_only_fraction"] = float((strong0 & ~bragg).sum() / max(valid.sum(), 1))
+        elif sp.enable:
             strong = strong_pixel_mask(
                 counts, valid, geometry, n_sigma_b=sp.n_sigma_b, n_sigma_s=sp.n_sigma_s,
                 global_threshold=sp.global_threshold, min_local=sp.min_local, gain=sp.gain,
@@ -303,6 +322,61 @@ def fit_peak_models(groups, experiments, geometry_by_key, static_by_key, params)
             np.array2string(np.sqrt(np.diag(model.covariance)), precision=4), model.peak_to_background,
             model.n_sigma, d["n_reflections"], d["n_sigma_of_reflections_percentiles_5_50_95"],
         )
+    return models
+
+
+def fit_spot_models(groups, experiments, geometry_by_key, static_by_key, params, reflections) -> dict:
+    """``{experiment index: SpotModel}`` for every sweep among the images (``peak_model=spots``).
+
+    The spot's angular σ is the square root of the median
+    :func:`spot_profile_moments` of the bright integrated reflections (intensity
+    above the median, I/σ(I) ≥ ``min_i_over_sigma``) on up to
+    ``predicted.fit.n_images`` frames of the sweep, evenly spaced.
+    """
+    from diffuse_cli.extraction import geometry_key
+
+    fit, sp = params.predicted.fit, params.predicted.spots
+    frames_of: dict[int, list] = {}
+    for _, refs in groups:
+        for ref in refs:
+            if ref.frame is not None:
+                frames_of.setdefault(ref.experiment_index, []).append(ref)
+    models = {}
+    for index, refs in frames_of.items():
+        expt = experiments[index]
+        table = None if reflections is None else reflections.get(index)
+        if table is None or len(table) == 0 or "intensity.sum.value" not in table:
+            raise Sorry("predicted.peak_model=spots needs the sweep's integrated reflections: give the .refl "
+                        "of stills_process, or set predicted.peak_model=fitted")
+        key = geometry_key(expt.detector, expt.beam)
+        geometry = geometry_by_key[key].for_beam(expt.beam)
+        I = table["intensity.sum.value"].as_numpy_array()
+        V = table["intensity.sum.variance"].as_numpy_array()
+        bright = (V > 0) & (I >= params.predicted.min_i_over_sigma * np.sqrt(np.maximum(V, 0)))
+        if bright.any():
+            bright &= I >= np.median(I[bright])
+        s1 = np.array(table["s1"], dtype=np.float64).reshape(-1, 3)[bright]
+        z = table["xyzcal.px"].parts()[2].as_numpy_array()[bright]
+        pick = np.unique(np.linspace(0, len(refs) - 1, min(fit.n_images, len(refs))).round().astype(int))
+        moments = []
+        for i in pick:
+            ref = refs[i]
+            counts = raw_counts(expt.imageset, ref.image_index)
+            valid = static_by_key[key] & trusted_mask(expt.detector, counts, geometry)
+            moments.append(spot_profile_moments(geometry, expt, ref.frame, counts, valid, s1, z))
+        moments = np.concatenate(moments) if moments else np.zeros(0)
+        if moments.size < fit.min_spots:
+            raise Sorry(f"Only {moments.size} spots to measure the spot width (predicted.fit.min_spots="
+                        f"{fit.min_spots}); set predicted.peak_model=fitted")
+        model = models[index] = spot_model(
+            expt, table, background_fraction=sp.background_fraction, n_sigma_i=sp.n_sigma_i,
+            unknown_quantile=sp.unknown_quantile, background_size=fit.background_size,
+            sigma=float(np.sqrt(np.median(moments))))
+        logger.info(
+            "Spot model of experiment %d: spot sigma %.4f deg from %d spots on %d frames (DIALS sigma_b %.4f deg), "
+            "rocking sigma_m %.4f deg, %d integrated reflections, mask where the spot exceeds %.3g of the background",
+            index, np.degrees(model.sigma), moments.size, len(pick), expt.profile.sigma_b(deg=True),
+            np.degrees(model.sigma_m), model.keys.size, model.background_fraction)
     return models
 
 
@@ -395,7 +469,9 @@ def run_bragg_mask(experiments, reflections, params, reflection_file: str = "ref
         logger.info("Wrote static mask %s", fname)
 
     os.makedirs(params.output.directory, exist_ok=True)
-    peak_models = {}
+    peak_models, spot_models = {}, {}
+    if params.method == "predicted" and params.predicted.peak_model == "spots":
+        spot_models = fit_spot_models(groups, experiments, geometry_by_key, static_by_key, params, reflections)
     if params.method == "predicted" and params.predicted.peak_model == "fitted":
         _STATE["reflections_for_fit"] = reflections
         try:
@@ -413,12 +489,16 @@ def run_bragg_mask(experiments, reflections, params, reflection_file: str = "ref
                         "integrated ones: %s", len(uses_sample), bragg_sample.n_stills, bragg_sample.as_dict())
     _STATE.update(
         bragg_sample=bragg_sample, uses_sample=uses_sample,
-        peak_models=peak_models,
+        peak_models=peak_models, spot_models=spot_models,
         peak_model_fingerprint={
-            i: provenance.array_fingerprint(
+            **{i: provenance.array_fingerprint(
                 m.center, m.covariance, np.array([m.n_sigma]),
                 *(() if m.n_sigma_of is None else (m.hkl_keys, m.n_sigma_of)))
-            for i, m in peak_models.items()
+               for i, m in peak_models.items()},
+            **{i: provenance.array_fingerprint(
+                m.keys, m.intensity, m.shell_d_star, m.shell_intensity,
+                np.array([m.sigma, m.sigma_m, m.background_fraction, m.background_size]))
+               for i, m in spot_models.items()},
         },
         params=params, geometry=geometry_by_key, static=static_by_key,
         experiments=experiments, reflections=reflections,

@@ -1,5 +1,6 @@
-"""Bragg masks of rotation frames: the fitted peak model (default) and the mosaic φ-extent rule.
+"""Bragg masks of rotation frames: the fitted peak model and the mosaic φ-extent rule.
 
+The default, each lattice point's own predicted spot, is in :mod:`diffuse_cli.mask_spots`.
 See docs/bragg_mask.md (Rotation frames).
 """
 

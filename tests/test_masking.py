@@ -386,3 +386,60 @@ def test_local_background_at_strong_pixels_equals_the_whole_frame_median_filter(
         c[~ok] = np.median(c[ok])
         expected[offsets[i]:offsets[i + 1]] = median_filter(c.reshape(shape), size=size, mode="nearest").ravel()
     np.testing.assert_array_equal(local_background(counts, valid, geometry, size, at=at), expected[at])
+
+
+def test_lattice_crossings_put_each_point_on_the_ewald_sphere():
+    """Every root δ of mask_spots.lattice_crossings, applied with scipy's rotation, puts R(δ)Mh on
+    the Ewald sphere, and the roots are exactly the sign changes of |R(δ)Mh + s0| − |s0| on a fine grid."""
+    from scipy.spatial.transform import Rotation
+
+    from diffuse_cli.mask_spots import lattice_crossings
+
+    rng = np.random.default_rng(3)
+    M = Rotation.from_rotvec([0.3, -0.5, 0.2]).as_matrix() @ np.diag([1 / 40.0, 1 / 50.0, 1 / 70.0])
+    axis = np.array([0.0, 1.0, 0.2]) / np.hypot(1.0, 0.2)
+    s0 = np.array([0.0, 0.0, -1.0])  # λ = 1 Å
+    hkl = rng.integers(-30, 31, size=(400, 3)).astype(np.float64)
+    rows, delta = lattice_crossings(M, axis, s0, hkl)
+    r = np.stack([Rotation.from_rotvec(d * axis).apply(M @ hkl[i]) for i, d in zip(rows, delta)])
+    assert np.abs(np.linalg.norm(r + s0, axis=1) - 1.0).max() < 1e-9
+    grid = np.linspace(-np.pi, np.pi, 20001)
+    n_changes = 0
+    for h in hkl:
+        rr = Rotation.from_rotvec(grid[:, None] * axis).apply(M @ h)
+        eps = np.linalg.norm(rr + s0, axis=1) - 1.0
+        n_changes += int(np.count_nonzero(np.sign(eps[1:]) != np.sign(eps[:-1])))
+    assert len(rows) == n_changes > 100
+
+
+def test_spot_mask_grows_a_strong_spot_to_where_it_falls_to_f_of_the_background():
+    """A Gaussian spot of σ = 1.2 px and peak P over a flat background b, no predicted spots:
+    the masked disc has radius σ·√(2 ln(P/(f·b))) (docs/bragg_mask.md, peak_model=spots)."""
+    from dxtbx.model import BeamFactory, Crystal, DetectorFactory, GoniometerFactory, ScanFactory
+    from dxtbx.model.experiment_list import Experiment
+
+    from diffuse_cli.mask_spots import SpotModel, spot_bragg_mask
+
+    detector = DetectorFactory.simple("PAD", 200.0, (51.6, 51.6), "+x", "-y", (0.172, 0.172), (600, 600),
+                                      trusted_range=(-1, 1e6))
+    beam = BeamFactory.simple(1.0)
+    crystal = Crystal((30.0, 0, 0), (0, 30.0, 0), (0, 0, 30.0), space_group_symbol="P1")
+    expt = Experiment(beam=beam, detector=detector, goniometer=GoniometerFactory.known_axis((1, 0, 0)),
+                      scan=ScanFactory.make_scan((1, 3), 0.0, (0.0, 0.5), {1: 0.0, 2: 0.0, 3: 0.0}), crystal=crystal)
+    geometry = ex.compute_geometry(detector, beam)
+    b, P, sigma_px, f = 100.0, 5000.0, 1.2, 0.1
+    yy, xx = np.mgrid[0:600, 0:600]
+    centre = (450, 420)  # (slow, fast), away from the beam
+    counts = b + P * np.exp(-((xx - centre[1]) ** 2 + (yy - centre[0]) ** 2) / (2 * sigma_px**2))
+    counts = counts.ravel()
+    valid = np.ones(counts.size, dtype=bool)
+    strong = counts > b + 0.5 * P  # the spot's core
+    pixel_rad = 0.172 / 200.0 * np.cos(np.arctan(np.hypot(420 - 300, 450 - 300) * 0.172 / 200.0))
+    model = SpotModel(keys=np.zeros(0, dtype=np.int64), intensity=np.zeros(0), shell_d_star=np.array([0.0]),
+                      shell_intensity=np.array([0.0]), sigma=sigma_px * pixel_rad, sigma_m=np.radians(0.1),
+                      background_fraction=f)
+    mask, counted = spot_bragg_mask(geometry, expt, 0, model, counts, valid, strong=strong)
+    assert counted["n_strong"] == 1 and counted["n_predicted"] == 0
+    radius = sigma_px * np.sqrt(2 * np.log(P / (f * b)))
+    d = np.hypot(xx - centre[1], yy - centre[0]).ravel()
+    assert mask[d <= radius - 0.3].all() and not mask[d >= radius + 0.3].any()

@@ -79,13 +79,31 @@ predicted {
     .type = float(value_min=0)
     .help = "Spot radius in units of the profile model's sigma_b, added in"
             "quadrature to a percentile of the centroid residuals."
-  peak_model = *fitted mosaic
+  peak_model = fitted mosaic *spots
     .type = choice
-    .help = "Rotation frames. fitted: a Gaussian peak in fractional-hkl offset"
+    .help = "Rotation frames. spots (default): each lattice point's own"
+            "predicted spot on the frame (its crossing, rocking fraction and"
+            "integrated intensity) and each strong spot the frame shows, masked"
+            "where the spot exceeds spots.background_fraction of the local"
+            "background. fitted: a Gaussian peak in fractional-hkl offset"
             "space fitted to the sweep's strong spots (mdx2's model), masked"
             "within fit.n_sigma of every allowed lattice point. mosaic: a lattice"
             "point is masked while it crosses the Ewald sphere within the frame"
             "widened by n_sigma_m times the profile's sigma_m, within radius."
+  spots {
+    background_fraction = 0.1
+      .type = float(value_min=0)
+      .help = "peak_model=spots: a pixel is Bragg where the predicted or"
+              "observed spot exceeds this fraction of the local background."
+    n_sigma_i = 3.0
+      .type = float(value_min=0)
+      .help = "peak_model=spots: a reflection's counts are taken as"
+              "(max(I, 0) + n_sigma_i sigma(I)) / partiality."
+    unknown_quantile = 0.9
+      .type = float(value_min=0, value_max=1)
+      .help = "peak_model=spots: a lattice point DIALS did not integrate takes"
+              "this quantile of the reflections' counts in its resolution shell."
+  }
   fit {
     n_sigma = None
       .type = float(value_min=0)
