@@ -340,6 +340,37 @@ RIDGE = 1e-8  # keeps nodes without data (and without curvature) determined
 # constraint leaves their difference, which flips sign every pass (eigenvalue −1).
 # For iteration eigenvalues in [−1, 0], s = 1/3 is the optimal damping (|error| × 1/3 a pass).
 DETECTOR_OWN_SHARE = 1.0 / 3.0
+# Least share of an offset mode's information that must survive the multiplicative terms
+# (offset_prior): the identifiability prior weight of the additive offset, docs/merge.md.
+OFFSET_INFORMATION_FLOOR = 0.02
+
+
+def offset_prior(M: np.ndarray, blk: slice, floor: float):
+    """Prior matrix on the offset nodes that makes them identifiable; (P, smallest μ).
+
+    M: the still's normal matrix with its priors, ``blk`` the offset block c, the
+    rest m (g, a). The information on c with m fixed is M_cc; with m free (the
+    Schur complement) S = M_cc − M_cm M_mm⁻¹ M_mc. The generalised eigenvalues
+    μ_k of S u = μ M_cc u (0 ≤ μ ≤ 1) say which share of an offset mode's
+    information survives the multiplicative terms: μ ≈ 0 where g·(I_ref + c)
+    ≈ g'·(I_ref + c') (a map with little contrast beyond its radial profile).
+    P = Σ_k max(0, floor − μ_k)·(M_cc u_k)(M_cc u_k)ᵀ (u_k normalised to
+    u_kᵀ M_cc u_k = 1), a zero-mean prior on exactly those modes, raises every
+    μ_k to at least ``floor`` (measured against M_cc without P); modes with
+    μ_k ≥ floor get none.
+    """
+    Mcc = M[blk, blk]
+    rest = np.r_[0:blk.start, blk.stop:M.shape[0]]
+    try:
+        L = np.linalg.cholesky(Mcc)
+        S = Mcc - M[blk][:, rest] @ np.linalg.solve(M[np.ix_(rest, rest)], M[rest][:, blk])
+        Li = np.linalg.inv(L)
+        mu, Y = np.linalg.eigh(Li @ S @ Li.T)
+    except np.linalg.LinAlgError:
+        return np.zeros_like(Mcc), np.nan
+    lift = np.maximum(floor - mu, 0.0)
+    LY = L @ Y
+    return (LY * lift) @ LY.T, float(mu.min())
 
 
 @dataclass(frozen=True)
@@ -432,11 +463,11 @@ class ScalingTerms:
         self.panel_shapes = None
         self.det = None
         self.neighbours = None
-        # Leave-one-out fits (leave_one_out, relax) and the damped d update (DETECTOR_OWN_SHARE),
-        # except with the additive offset: against a reference free of the still's own data, g and a
-        # smooth c(|s|) are nearly degenerate where the map has little contrast beyond its radial
-        # profile (8 thaumatin stills: g moved 4× in a pass), so the offset keeps the plain alternation.
-        self.leave_one_out = not self.n_c
+        # Leave-one-out fits (leave_one_out, relax) and the damped d update (DETECTOR_OWN_SHARE).
+        # With the additive offset, g and a smooth c(|s|) are nearly degenerate where the map has
+        # little contrast beyond its radial profile; offset_prior keeps each still's fit regular
+        # (without it, 8 thaumatin stills: g moved 4× in a pass).
+        self.leave_one_out = True
         self.relax_detector = self.leave_one_out
 
     # ------------------------------------------------------------ set-up
@@ -545,7 +576,8 @@ class ScalingTerms:
         Minimises Σ w (I − a·d·g·(I_ref + c))²/σ² plus the priors (docs/merge.md):
         curvature of g (ScaleModel.smoothness), of a and c (``smoothness`` ×
         tr(N_block)/tr(BᵀB)), mean(a nodes) = 1 (stiff), and, with neighbours,
-        ``neighbour_prior`` × tr(N_block)/n_block × |θ − θ_neighbours|².
+        ``neighbour_prior`` × tr(N_block)/n_block × |θ − θ_neighbours|², and on c
+        the identifiability prior of :func:`offset_prior` (OFFSET_INFORMATION_FLOOR).
         Also adds this still's contribution to the detector normal equations.
         ``reference_variance``: var(I_ref) (see :func:`fit_scale`), adds (a·d·g)²·var(I_ref).
         """
@@ -637,6 +669,9 @@ class ScalingTerms:
                         k = self.neighbour_prior * np.trace(N[blk, blk]) / n_b
                         M[blk, blk] += k * np.eye(n_b)
                         b[blk] += k * nb_mean[blk]
+            if nc and OFFSET_INFORMATION_FLOOR > 0:
+                # zero-mean prior on the offset modes that g and a can mimic (offset_prior)
+                M[blocks[2], blocks[2]] += offset_prior(M, blocks[2], OFFSET_INFORMATION_FLOOR)[0]
             try:
                 p = np.linalg.solve(M, b)
             except np.linalg.LinAlgError:

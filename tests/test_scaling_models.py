@@ -65,11 +65,12 @@ def true_offset(delta, s):
     return delta * (0.4 + 0.6 * s / (1 / D_MIN))
 
 
-def make_synthetic(n_blobs=12, absorption=True, offset=True, photons=3000.0):
+def make_synthetic(n_blobs=12, absorption=True, offset=True, photons=3000.0, n_stills=N_STILLS, iso=1.0,
+                   ndiv=2, offset_rms=0.25):
     rng = np.random.default_rng(11)
-    grid = HKLGrid.for_resolution(2, UC, D_MIN)
+    grid = HKLGrid.for_resolution(ndiv, UC, D_MIN)
     laue = LaueSymmetry("P4")
-    truth = symmetric_truth(grid, laue, UC, n_blobs=n_blobs, seed=4)
+    truth = symmetric_truth(grid, laue, UC, n_blobs=n_blobs, seed=4, iso=iso)
     lab, panel, fast, slow = _detector()
     s1 = lab / np.linalg.norm(lab, axis=1, keepdims=True) / WAVELENGTH
     s0 = np.array([0.0, 0.0, -1.0 / WAVELENGTH])
@@ -78,16 +79,16 @@ def make_synthetic(n_blobs=12, absorption=True, offset=True, photons=3000.0):
     uv = (s1 * WAVELENGTH)[:, :2]
     det = true_detector(panel, fast, slow)
     B = b_matrix(UC)
-    U = random_rotations(N_STILLS, 7)
-    b = rng.uniform(0.6, 1.6, N_STILLS)
-    coef = rng.normal(0, 1, (N_STILLS, 3)) * [0.06, 0.06, 0.0]
+    U = random_rotations(n_stills, 7)
+    b = rng.uniform(0.6, 1.6, n_stills)
+    coef = rng.normal(0, 1, (n_stills, 3)) * [0.06, 0.06, 0.0]
     coef -= coef.mean(axis=0)  # geometric mean over stills 1 at every direction
-    delta = rng.normal(0, 0.25, N_STILLS)
+    delta = rng.normal(0, 0.25, n_stills) * (offset_rms / 0.25)
     delta -= delta.mean()  # the mean offset is part of the map
     coef *= absorption
     delta *= offset
     stills = []
-    for i in range(N_STILLS):
+    for i in range(n_stills):
         hkl = q @ np.linalg.inv(U[i] @ B).T
         flat, inside = voxel_flat(grid, hkl)
         t = truth.ravel()[flat[inside]]
@@ -270,3 +271,86 @@ def test_three_stills_converge_to_their_scales(no_absorption):
                           model=ScaleModel(1, d_star_sq_max=1 / D_MIN**2), max_iterations=5, tolerance=1e-3)
     assert res.converged, res.history
     assert _rms_ratio(res.params[:, 0], sy["b"][:3]) < 0.01
+
+
+# ---------------------------------------------------------------- identifiability of the offset
+#
+# Where the reference is (nearly) a function of |s| alone, g·(I_ref + c) = g'·(I_ref + c') for a
+# whole family of (g, c): the split between scale and offset is not fixed by the data.
+# scaling.offset_prior puts a zero-mean prior on exactly the offset modes that keep less than
+# OFFSET_INFORMATION_FLOOR of their information once g (and a) are free (docs/merge.md).
+
+def _radial_still(contrast, seed=3, n=4000, n_c=4, s_max=0.5):
+    """One still's pixels: reference F(|s|)·(1 + contrast·u), data 1.3·(reference + c); F and c are
+    linear in |s| (so that no curvature prior fixes the split either)."""
+    rng = np.random.default_rng(seed)
+    terms = ScalingTerms(ScaleModel(1, d_star_sq_max=s_max**2), offset=TermSettings(True, n_c, 1.0))
+    s = rng.uniform(0.02, s_max, n)
+    co = terms.coordinates({}, s * s)
+    X = np.zeros((n, n_c))
+    for k in range(2):
+        X[np.arange(n), co["c_idx"][:, k]] += co["c_w"][:, k]
+    ref = X @ np.array([10.0, 8.0, 6.0, 4.0]) * (1 + contrast * rng.uniform(-1, 1, n))
+    mu = 1.3 * (ref + X @ np.array([0.5, 0.4, 0.3, 0.2]))
+    sig = np.sqrt(mu / 50)
+    return terms, co, X, ref, mu, mu + rng.normal(0, 1, n) * sig, sig
+
+
+def _generalised_eigenvalues(M, blk, M_ref=None):
+    """μ of S u = μ M_cc u, S the information on c with the rest free = inverse of (M⁻¹)_cc
+    (M_cc of ``M_ref`` if given: the information with the rest fixed, before a prior)."""
+    S = np.linalg.inv(np.linalg.inv(M)[blk, blk])
+    L = np.linalg.cholesky((M if M_ref is None else M_ref)[blk, blk])
+    Li = np.linalg.inv(L)
+    return np.linalg.eigvalsh(Li @ S @ Li.T)
+
+
+def test_offset_prior_lifts_only_the_modes_the_scale_can_mimic():
+    from diffuse_cli.scaling import OFFSET_INFORMATION_FLOOR, offset_prior
+
+    blk = slice(1, 5)
+    for contrast, n_lifted in ((0.0, 1), (0.5, 0)):
+        _, _, X, ref, mu, _, sig = _radial_still(contrast)
+        J = np.column_stack([ref + 0 * X[:, 0], 1.3 * X])  # ∂μ/∂g, ∂μ/∂κ at g = 1.3, c = 0
+        M = (J / sig[:, None] ** 2).T @ J + 1e-9 * np.eye(5)
+        before = _generalised_eigenvalues(M, blk)
+        P, mu_min = offset_prior(M, blk, OFFSET_INFORMATION_FLOOR)
+        assert mu_min == pytest.approx(before.min(), abs=1e-4)
+        assert np.sum(before < OFFSET_INFORMATION_FLOOR) == n_lifted
+        if not n_lifted:  # a still whose contrast fixes the split is untouched
+            assert np.all(P == 0)
+            continue
+        assert before.min() < 1e-4  # the exactly radial reference: g and one c mode degenerate
+        M2 = M.copy()
+        M2[blk, blk] += P
+        assert np.linalg.matrix_rank(P, tol=1e-9 * np.abs(P).max()) == 1
+        after = _generalised_eigenvalues(M2, blk, M)  # against the information without the prior
+        assert after.min() >= OFFSET_INFORMATION_FLOOR * (1 - 1e-6)
+        # the modes above the floor keep their information on c: M2's eigenvalues above it are M's
+        assert np.allclose(np.sort(after)[1:], np.sort(before)[1:], rtol=1e-3)  # (M near-singular)
+
+
+@pytest.mark.parametrize("floor", [0.0, None])
+def test_scale_offset_split_on_a_radial_map_is_identifiable(monkeypatch, floor):
+    """On an exactly radial reference, the fit from two starting scales must agree with the prior
+    (the offset mode that g mimics goes to 0, g takes it); without it (floor 0) it depends on the
+    start or fails. The prediction g·(I_ref + c) is then right."""
+    import diffuse_cli.scaling as scaling
+
+    if floor is not None:
+        monkeypatch.setattr(scaling, "OFFSET_INFORMATION_FLOOR", floor)
+    terms, co, _, ref, mu, I, sig = _radial_still(0.0)
+    g, pred, ok = [], [], []
+    for g0 in (1.0, 1.5):
+        terms.start(1)
+        terms.g[0] = g0
+        fit = terms.fit_still(0, I, sig, ref, co)
+        ok.append(fit.ok)
+        g.append(fit.params[0])
+        pred.append(fit.params[0] * (ref + terms.offset_at(fit.offset, np.sqrt(co["dss"]))))
+    if floor is None:
+        assert all(ok) and abs(g[1] / g[0] - 1) < 1e-3, g
+        for p in pred:
+            assert np.sqrt(np.mean((p / mu - 1) ** 2)) < 0.01
+    else:
+        assert not all(ok) or abs(g[1] / g[0] - 1) > 0.01, g
