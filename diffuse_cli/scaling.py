@@ -960,6 +960,8 @@ def plot_terms(terms: ScalingTerms, directory: str, labels=None) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from diffuse_cli.atomic_io import save_figure
+
     written = []
     n = len(terms.g)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -969,8 +971,7 @@ def plot_terms(terms: ScalingTerms, directory: str, labels=None) -> list[str]:
     ax.set_title("per-still scale")
     fig.tight_layout()
     path = os.path.join(directory, "scaling_scale.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(path, fig)
     written.append(os.path.basename(path))
     if terms.n_a:
         k = terms.absorption.n_nodes
@@ -993,8 +994,7 @@ def plot_terms(terms: ScalingTerms, directory: str, labels=None) -> list[str]:
         fig.suptitle("absorption a_i (node values, mean 1 per still)", fontsize=9)
         fig.tight_layout()
         path = os.path.join(directory, "scaling_absorption.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_figure(path, fig)
         written.append(os.path.basename(path))
     if terms.n_d:
         k = terms.detector.n_nodes
@@ -1018,8 +1018,7 @@ def plot_terms(terms: ScalingTerms, directory: str, labels=None) -> list[str]:
         fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03)
         fig.suptitle("detector response d (node values)", fontsize=9)
         path = os.path.join(directory, "scaling_detector.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_figure(path, fig)
         written.append(os.path.basename(path))
     if terms.n_c:
         s = np.linspace(0, terms.s_max, 200)
@@ -1031,7 +1030,6 @@ def plot_terms(terms: ScalingTerms, directory: str, labels=None) -> list[str]:
         ax.set_title("additive offset per still (mean over stills 0)")
         fig.tight_layout()
         path = os.path.join(directory, "scaling_offset.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_figure(path, fig)
         written.append(os.path.basename(path))
     return written
