@@ -66,12 +66,21 @@ def _section(values, grid, plane: str):
 def plot_section(path, grid: HKLGrid, values: np.ndarray, unit_cell, plane: str,
                  title: str = "", percentiles=(1.0, 99.0)) -> None:
     """PNG of a central section in Cartesian reciprocal coordinates (Å⁻¹), true aspect."""
+    plot_section_values(path, grid, _section(values, grid, plane)[0], unit_cell, plane, title, percentiles)
+
+
+def plot_section_values(path, grid: HKLGrid, sec: np.ndarray, unit_cell, plane: str,
+                        title: str = "", percentiles=(1.0, 99.0)) -> None:
+    """:func:`plot_section` of the section ``sec`` itself (as ``_section`` cuts it from the map)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sec, (i0, i1), (ax0, ax1), (n0, n1) = _section(values, grid, plane)
+    i0, i1 = {"hk0": (0, 1), "h0l": (0, 2), "0kl": (1, 2)}[plane]
+    axes = grid.axes()
+    ax0, ax1 = axes[i0], axes[i1]
+    n0 = "hkl"[i0]
     B = b_matrix(unit_cell)
     e0 = B[:, i0] / np.linalg.norm(B[:, i0])
     u1 = B[:, i1] - (B[:, i1] @ e0) * e0
@@ -89,8 +98,13 @@ def plot_section(path, grid: HKLGrid, values: np.ndarray, unit_cell, plane: str,
     ax.set_facecolor("0.75")
     if finite.size:
         vmin, vmax = np.percentile(finite, percentiles)
-        mesh = ax.pcolormesh(X, Y, np.ma.masked_invalid(sec), shading="flat",
-                             vmin=vmin, vmax=vmax, cmap="viridis")
+        if abs(B[:, i1] @ e0) <= 1e-12 * np.linalg.norm(B[:, i1]):
+            # orthogonal axes: the voxels are equal rectangles, an image (far cheaper than a mesh)
+            mesh = ax.imshow(np.ma.masked_invalid(sec).T, origin="lower", interpolation="nearest",
+                             extent=(X.min(), X.max(), Y.min(), Y.max()), vmin=vmin, vmax=vmax, cmap="viridis")
+        else:
+            mesh = ax.pcolormesh(X, Y, np.ma.masked_invalid(sec), shading="flat",
+                                 vmin=vmin, vmax=vmax, cmap="viridis")
         fig.colorbar(mesh, ax=ax, label="I")
     ax.set_aspect("equal")
     ax.set_xlabel(f"along {n0}* (Å⁻¹)")
@@ -145,3 +159,43 @@ def plot_shell_statistics(path, stats: dict) -> None:
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title("Merge statistics per resolution shell")
     program.save_figure(path, fig)
+
+
+def write_ccp4_slabs(path, grid: HKLGrid, slabs, unit_cell, title: str = "diffuse.merge") -> None:
+    """As :func:`write_ccp4`, from ``slabs``: an iterable of consecutive [h-range, k, l]
+    blocks of the map (NaN → 0), written as they come (memory: one slab). The header
+    is the one iotbx.ccp4_map writes (columns l, rows k, sections h; origin at
+    −h_max·ndiv), with the density statistics filled in at the end."""
+    n0, n1, n2 = grid.shape
+    off = [m * n for m, n in zip(grid.hkl_max, grid.ndiv)]
+    cell = map_unit_cell(grid, unit_cell)
+    lo, hi, total, total2, n = np.inf, -np.inf, 0.0, 0.0, 0
+    with program.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(b"\0" * 1024)
+        for slab in slabs:
+            v = np.nan_to_num(np.asarray(slab, dtype=np.float32), nan=0.0)
+            if v.size:
+                lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+                total += float(v.sum(dtype=np.float64))
+                total2 += float(np.square(v, dtype=np.float64).sum())
+                n += v.size
+            fh.write(np.ascontiguousarray(v, dtype="<f4").tobytes())
+        if n != n0 * n1 * n2:
+            raise ValueError(f"slabs hold {n} voxels, the grid {n0 * n1 * n2}")
+        mean = total / n
+        rms = float(np.sqrt(max(total2 / n - mean * mean, 0.0)))
+        ints = np.zeros(256, dtype="<i4")
+        ints[0:10] = [n2, n1, n0, 2, -off[2], -off[1], -off[0], n0, n1, n2]
+        floats = ints.view("<f4")
+        floats[10:16] = [cell[0], cell[1], cell[2], cell[3], cell[4], cell[5]]
+        ints[16:19] = [3, 2, 1]
+        floats[19:22] = [lo, hi, mean]
+        ints[22] = 1  # space group P1
+        raw = bytearray(ints.tobytes())
+        raw[208:212] = b"MAP "
+        raw[212:216] = b"DA\0\0"
+        raw[216:220] = np.float32(rms).tobytes()
+        raw[220:224] = np.int32(1).astype("<i4").tobytes()
+        raw[224:1024] = title[:80].ljust(800).encode("ascii", "replace")  # 10 labels, blank-padded
+        fh.seek(0)
+        fh.write(bytes(raw))

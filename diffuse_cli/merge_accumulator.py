@@ -10,6 +10,12 @@ Merged voxel value: I = Σw·I / Σw, σ = 1/sqrt(Σw).
 The per-observation hot loop (hkl → voxel → three sums) is a numba kernel
 when numba is importable, with a numpy ``unique``/``bincount`` fallback that
 gives the same sums to rounding. MPI: the arrays are summed with ``Allreduce``.
+
+The cached merge (merging._scale_and_merge_cached) keeps nothing over the whole
+grid: :func:`compact_asu` (the int32 ASU table, for reading the stills),
+:class:`CompactAccumulator` (sums per compact ASU voxel) and
+:class:`CompactMergedMap` (the map on those voxels; dense blocks of h-planes on
+demand, :meth:`CompactMergedMap.expand_slab`).
 """
 
 from __future__ import annotations
@@ -279,6 +285,27 @@ class MergedMap:
         """Flat indices of ASU-representative voxels inside the resolution range."""
         return np.flatnonzero(self.lut == np.arange(self.lut.size))
 
+    def compact(self) -> dict:
+        """voxels (:meth:`asu_voxels`) and I, sigma, counts, half_I, friedel_I at them."""
+        vox = self.asu_voxels()
+        return {"voxels": vox, "I": self.I[vox], "sigma": self.sigma[vox], "counts": self.counts[vox],
+                "half_I": [h[vox] for h in self.half_I], "friedel_I": [h[vox] for h in self.friedel_I]}
+
+    def expand_slab(self, values, i0: int, i1: int, fill=np.nan, dtype=None) -> np.ndarray:
+        """Values (over the flat grid, or at :meth:`asu_voxels`) on the grid slab h-index [i0, i1)."""
+        values = self.I if values is None else np.asarray(values)
+        if values.size != self.lut.size:  # compact (at the ASU voxels)
+            flat = np.full(self.lut.size, fill, dtype=np.result_type(values, type(fill)))
+            flat[self.asu_voxels()] = values
+            values = flat
+        s = self.grid.shape
+        lut = self.lut[i0 * s[1] * s[2]:i1 * s[1] * s[2]]
+        dt = np.result_type(values, type(fill)) if dtype is None else dtype
+        out = np.full(lut.size, fill, dtype=dt)
+        ok = lut >= 0
+        out[ok] = values.ravel()[lut[ok]]
+        return out.reshape(i1 - i0, s[1], s[2])
+
     def expand(self, values: np.ndarray | None = None, fill=np.nan) -> np.ndarray:
         """Values at representatives copied to every grid voxel, shape grid.shape."""
         values = self.I if values is None else values
@@ -386,19 +413,22 @@ def _expected_py(c, ref, g, typical, out):
             out[i] = typical
 
 
-def _pass_py(c, side, I, sig, v1, factor, ref, expected, floor, limit, acc, fr):
+def _pass_py(c, side, I, sig, v1, factor, ref, expected, floor, limit, half, sw, swi, cnt, sw0, swi0, swp, swip):
     """One still of one scaling pass (the old per-observation chain, fused):
 
     with v1 (variance model): var = v1·max(E, floor) + max(σ² − v1·I, 0),
     w = 1/(f²·var), σ_m = √var; without: w = 1/(σ f)², σ_m = σ. Outliers
     |I·f − I_ref| / (σ_m·f) > limit (limit > 0, I_ref finite) are left out.
-    Adds (w, w·I·f, 1, w²(σ_m f)²) to acc[c] and (w, w·I·f) to fr[side][c].
+    Adds w, w·I·f, 1 to sw, swi, cnt at c; with statistics (sw0 not empty) also
+    to sw0, swi0 when ``half`` is 0 and to swp, swip when the side is +1.
+    (w²(σ_m f)² = w exactly for these weights: σ of the mean is 1/√Σw.)
     Returns the number added.
     """
     nf = factor.shape[0]
     has_v1 = v1.shape[0] > 0
     has_ref = ref.shape[0] > 0
     n = 0
+    stats = sw0.shape[0] > 0
     for i in range(c.shape[0]):
         k = c[i]
         f = factor[0] if nf == 1 else factor[i]
@@ -435,19 +465,82 @@ def _pass_py(c, side, I, sig, v1, factor, ref, expected, floor, limit, acc, fr):
             if not (s > 0.0):
                 continue
             w = 1.0 / (s * s)
-        acc[k, 0] += w
-        acc[k, 1] += w * v
-        acc[k, 2] += 1.0
-        acc[k, 3] += w * w * s * s
-        sd = side[i]
-        if sd == 1:
-            fr[0, k, 0] += w
-            fr[0, k, 1] += w * v
-        elif sd == -1:
-            fr[1, k, 0] += w
-            fr[1, k, 1] += w * v
+        sw[k] += w
+        swi[k] += w * v
+        cnt[k] += 1
+        if stats:
+            if half == 0:
+                sw0[k] += w
+                swi0[k] += w * v
+            if side[i] == 1:
+                swp[k] += w
+                swip[k] += w * v
         n += 1
     return n
+
+
+def _means_py(sw, swi, factor, out_I, out_sigma):
+    """out_I = Σw·I/Σw·factor and (out_sigma not empty) √Σw/Σw·factor; NaN where Σw ≤ 0."""
+    has_s = out_sigma.shape[0] > 0
+    for k in range(sw.shape[0]):
+        if sw[k] > 0.0:
+            out_I[k] = swi[k] / sw[k] * factor
+            if has_s:
+                out_sigma[k] = np.sqrt(sw[k]) / sw[k] * factor
+        else:
+            out_I[k] = np.nan
+            if has_s:
+                out_sigma[k] = np.nan
+
+
+def _rest_means_py(sw, swi, sw_part, swi_part, skip, factor, out):
+    """Mean of the observations not in a part: (Σw − Σw_part, Σw·I − Σw·I_part), NaN where that is
+    empty or ``skip`` (not empty) is set. Exact emptiness: a part holding every observation of a
+    voxel was summed in the same order as the total, so the difference is exactly 0."""
+    has_skip = skip.shape[0] > 0
+    for k in range(sw.shape[0]):
+        a = sw[k] - sw_part[k]
+        if a > 0.0 and not (has_skip and skip[k]):
+            out[k] = (swi[k] - swi_part[k]) / a * factor
+        else:
+            out[k] = np.nan
+
+
+def _next_reference_py(sw, swi, cnt, factor, ref_I, ref_sigma, ref_counts):
+    """The next pass's reference in place: the new means, except at voxels whose every
+    observation this pass rejected (count 0, previously > 0), which keep the previous
+    values (see merging._carry_rejected)."""
+    for k in range(sw.shape[0]):
+        if cnt[k] == 0 and ref_counts[k] > 0:
+            continue
+        ref_counts[k] = cnt[k]
+        if sw[k] > 0.0:
+            ref_I[k] = swi[k] / sw[k] * factor
+            ref_sigma[k] = np.sqrt(sw[k]) / sw[k] * factor
+        else:
+            ref_I[k] = np.nan
+            ref_sigma[k] = np.nan
+
+
+def _orbit_scatter_py(reps, rot, offset, shape, i0, i1, values, out):
+    """Expand compact values onto the grid slab h-index [i0, i1): every image v·R (in the
+    grid) of each representative (flat index reps[c]) gets values[c] (as grid_asu_map)."""
+    n1, n2 = shape[1], shape[2]
+    for c in range(reps.shape[0]):
+        f = np.int64(reps[c])
+        v0 = f // (n1 * n2) - offset[0]
+        r = f % (n1 * n2)
+        v1 = r // n2 - offset[1]
+        v2 = r % n2 - offset[2]
+        for o in range(rot.shape[0]):
+            u0 = v0 * rot[o, 0, 0] + v1 * rot[o, 1, 0] + v2 * rot[o, 2, 0] + offset[0]
+            if u0 < i0 or u0 >= i1:
+                continue
+            u1 = v0 * rot[o, 0, 1] + v1 * rot[o, 1, 1] + v2 * rot[o, 2, 1] + offset[1]
+            u2 = v0 * rot[o, 0, 2] + v1 * rot[o, 1, 2] + v2 * rot[o, 2, 2] + offset[2]
+            if u1 < 0 or u1 >= n1 or u2 < 0 or u2 >= n2:
+                continue
+            out[((u0 - i0) * n1 + u1) * n2 + u2] = values[c]
 
 
 def _own_sums_py(c, I, sig, v1, m, ref, floor, limit, W_own, S_own, n_own):
@@ -497,22 +590,33 @@ if HAVE_NUMBA:  # error_model numpy: x/0 is ±inf or NaN (then skipped), as in t
     _voxels_q = numba.njit(nogil=True, cache=True, error_model="numpy")(_voxels_q_py)
     _expected = numba.njit(nogil=True, cache=True, error_model="numpy")(_expected_py)
     _pass = numba.njit(nogil=True, cache=True, error_model="numpy")(_pass_py)
+    _means = numba.njit(nogil=True, cache=True, error_model="numpy")(_means_py)
+    _rest_means = numba.njit(nogil=True, cache=True, error_model="numpy")(_rest_means_py)
+    _next_reference = numba.njit(nogil=True, cache=True, error_model="numpy")(_next_reference_py)
+    _orbit_scatter = numba.njit(nogil=True, cache=True)(_orbit_scatter_py)
 else:  # pragma: no cover - slow but identical (pure Python loops)
     _voxels_hkl, _voxels_q, _expected, _pass = _voxels_hkl_py, _voxels_q_py, _expected_py, _pass_py
     _own_sums = _own_sums_py
+    _means, _rest_means, _next_reference, _orbit_scatter = (_means_py, _rest_means_py, _next_reference_py,
+                                                            _orbit_scatter_py)
 
 
 class CompactAccumulator:
-    """Sums per compact ASU voxel for ``n_halves`` half-datasets, and per Bijvoet side.
+    """Sums per compact ASU voxel, one array each (freed one by one when the map is made).
 
-    ``acc`` (n_halves, n_compact, 4) float64: Σw, Σw·I, count, Σw²σ²;
-    ``fr`` (2, n_compact, 2): Σw, Σw·I of h's side and −h's side (both halves).
-    32 × n_halves + 32 bytes per ASU voxel inside the resolution range.
+    ``sw``, ``swi`` float64: Σw, Σw·I over every observation; ``cnt`` int32: their count.
+    With ``statistics`` (the last pass: the map's half-dataset and Friedel means) also
+    ``sw0``, ``swi0`` (half 0) and ``swp``, ``swip`` (h's Bijvoet side, +1); half 1 and
+    −h's side are the differences (:func:`_rest_means_py`). 20 bytes per ASU voxel inside
+    the resolution range, 52 with statistics.
     """
 
-    def __init__(self, n_compact: int, n_halves: int = 2):
-        self.acc = np.zeros((n_halves, n_compact, 4))
-        self.fr = np.zeros((2, n_compact, 2))
+    def __init__(self, n_compact: int, statistics: bool = True):
+        self.sw, self.swi = np.zeros(n_compact), np.zeros(n_compact)
+        self.cnt = np.zeros(n_compact, dtype=np.int32)
+        empty = np.empty(0)
+        self.stats = [np.zeros(n_compact) for _ in range(4)] if statistics else [empty] * 4
+        self.statistics = statistics
         self.n_added = 0
 
     def reduce(self, comm) -> None:
@@ -521,20 +625,216 @@ class CompactAccumulator:
             return
         from mpi4py import MPI
 
-        comm.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
-        comm.Allreduce(MPI.IN_PLACE, self.fr, op=MPI.SUM)
+        for a in [self.sw, self.swi, self.cnt] + (self.stats if self.statistics else []):
+            comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
         self.n_added = comm.allreduce(self.n_added, op=MPI.SUM)
 
-    def means(self, factor: float = 1.0) -> dict:
-        """Compact merged values: I, sigma, counts (int64), half_I and friedel_I (float32 lists)."""
-        sw = self.acc[..., 0].sum(axis=0)
-        swi = self.acc[..., 1].sum(axis=0)
-        I, sig = _mean(sw, swi, self.acc[..., 3].sum(axis=0), factor)
-        cnt = np.rint(self.acc[..., 2].sum(axis=0)).astype(np.int64)
-        half_I = [_mean(self.acc[h, :, 0], self.acc[h, :, 1], None, factor)[0].astype(np.float32)
-                  for h in range(self.acc.shape[0])]
-        friedel_I = [_mean(self.fr[s, :, 0], self.fr[s, :, 1], None, factor)[0].astype(np.float32) for s in (0, 1)]
+    def next_reference(self, factor: float, reference: dict | None) -> dict:
+        """The next pass's reference (I, sigma float64, counts int32), in the arrays of
+        ``reference`` when given (previous values kept where every observation was rejected)."""
+        if reference is None:
+            n = len(self.sw)
+            reference = {"I": np.empty(n), "sigma": np.empty(n), "counts": np.zeros(n, dtype=np.int32)}
+        _next_reference(self.sw, self.swi, self.cnt, float(factor), reference["I"], reference["sigma"],
+                        reference["counts"])
+        return reference
+
+    def take_means(self, factor: float = 1.0, centric: np.ndarray | None = None, friedel: bool = True) -> dict:
+        """Compact merged values (I, sigma float64, counts int32, half_I and friedel_I float32
+        lists); the sums are released on the way (the accumulator is empty afterwards).
+        centric: per compact voxel, no Friedel pair (friedel_I NaN there)."""
+        n = len(self.sw)
+        empty = np.empty(0)
+        half_I, friedel_I = [], []
+        f = float(factor)
+        if self.statistics:
+            sw0, swi0, swp, swip = self.stats
+            h0, h1 = np.empty(n, np.float32), np.empty(n, np.float32)
+            _means(sw0, swi0, f, h0, np.empty(0, np.float32))
+            _rest_means(self.sw, self.swi, sw0, swi0, np.empty(0, np.bool_), f, h1)
+            half_I = [h0, h1]
+            self.stats[0] = self.stats[1] = sw0 = swi0 = None
+            if friedel:
+                fp, fm = np.empty(n, np.float32), np.empty(n, np.float32)
+                skip = np.empty(0, np.bool_) if centric is None else centric
+                _means(swp, swip, f, fp, np.empty(0, np.float32))
+                if centric is not None:
+                    fp[centric] = np.nan
+                _rest_means(self.sw, self.swi, swp, swip, skip, f, fm)
+                friedel_I = [fp, fm]
+            self.stats = [empty] * 4
+            del swp, swip
+        I, sig = np.empty(n), np.empty(n)
+        _means(self.sw, self.swi, f, I, sig)
+        cnt = self.cnt
+        self.sw = self.swi = self.cnt = empty
         return {"I": I, "sigma": sig, "counts": cnt, "half_I": half_I, "friedel_I": friedel_I}
+
+
+def compact_asu(grid: HKLGrid, laue, unit_cell=None, d_min=None, d_max=None, friedel: bool = True,
+                chunk: int = 4_000_000):
+    """(reps, table, hand) of the ASU voxels inside the resolution range, without the
+    int64 full-grid map of :func:`diffuse_cli.symmetry.grid_asu_map`:
+
+    reps: flat index of each compact voxel (increasing; int32 when the grid allows);
+    table: per grid voxel its compact index (int32, −1 outside the range), equal to
+    :func:`compact_tables` of grid_asu_map; hand: as grid_asu_map's (int8), or None.
+    Built as grid_asu_map is (representatives found chunk by chunk, their images pointed at
+    them), writing the compact index directly. 5 bytes per grid voxel.
+    """
+    from diffuse_cli.symmetry import _orbit_fill, reciprocal_metric
+
+    shape = np.asarray(grid.shape, dtype=np.int64)
+    offset = np.asarray(grid.hkl_max, dtype=np.int64) * np.asarray(grid.ndiv)
+    n = grid.n_voxels
+    table = np.full(n, -1, dtype=np.int32)
+    hand = np.zeros(n, dtype=np.int8) if friedel else None
+    dets = np.rint(np.linalg.det(laue.rotations.astype(np.float64))).astype(np.int8)
+    gstar = reciprocal_metric(unit_cell) if unit_cell is not None else None
+    ndiv = np.asarray(grid.ndiv, dtype=np.float64)
+    rep_dtype = np.int32 if n < 2**31 else np.int64
+    parts, n_c = [], 0
+    plane = int(shape[1] * shape[2])
+    step = max(1, chunk // plane)  # whole h-planes: the indices by broadcasting, not unravel_index
+    for i0 in range(0, int(shape[0]), step):
+        i1 = min(int(shape[0]), i0 + step)
+        v = np.empty((i1 - i0, shape[1], shape[2], 3), dtype=np.int64)
+        v[..., 0] = (np.arange(i0, i1) - offset[0])[:, None, None]
+        v[..., 1] = (np.arange(shape[1]) - offset[1])[None, :, None]
+        v[..., 2] = np.arange(shape[2]) - offset[2]
+        v = v.reshape(-1, 3)
+        flat = np.arange(i0 * plane, i1 * plane, dtype=np.int64)
+        rep = laue.is_inside(v)
+        if gstar is not None and (d_min is not None or d_max is not None):
+            h = v[rep] / ndiv
+            dss = np.einsum("ni,ij,nj->n", h, gstar, h)
+            keep = np.ones(len(h), dtype=bool)
+            if d_min is not None:
+                keep &= dss <= 1.0 / d_min**2
+            if d_max is not None:
+                keep &= dss >= 1.0 / d_max**2
+            rep[np.flatnonzero(rep)[~keep]] = False
+        fr = flat[rep]
+        idx = np.arange(n_c, n_c + len(fr), dtype=np.int64)
+        vr = np.ascontiguousarray(v[rep])
+        if _orbit_fill is not None:
+            _orbit_fill(idx, vr, laue.rotations, dets, offset, shape, table,
+                        hand if hand is not None else np.zeros(0, dtype=np.int8))
+        else:  # pragma: no cover - without numba
+            for r, det in zip(laue.rotations, dets):
+                u = vr @ r + offset
+                ok = np.all((u >= 0) & (u < shape), axis=-1)
+                dest = (u[ok, 0] * shape[1] + u[ok, 1]) * shape[2] + u[ok, 2]
+                table[dest] = idx[ok]
+                if hand is not None:
+                    hd = hand[dest]
+                    hand[dest] = np.where(hd == 0, det, np.where(hd == det, hd, 2)).astype(np.int8)
+        parts.append(fr.astype(rep_dtype))
+        n_c += len(fr)
+    if hand is not None:
+        for a in range(0, n, chunk):
+            part = hand[a:a + chunk]
+            part[part == 2] = 0
+    reps = np.concatenate(parts) if parts else np.empty(0, dtype=rep_dtype)
+    return reps, table, hand
+
+
+@dataclass
+class CompactMergedMap:
+    """Merged values on the compact ASU voxels only (the cached merge's result).
+
+    ``reps``: flat grid index of each compact voxel (increasing); ``values``: I, sigma
+    (float64), counts (int32), half_I and friedel_I (float32 lists) per compact voxel;
+    ``centric``: per compact voxel, no Friedel pair. :meth:`compact` gives them, and
+    :meth:`expand_slab` the dense values of a slab of the grid (the outputs are written
+    slab by slab). The :class:`MergedMap` API (``I``, ``sigma``, ``counts``, ``half_I``,
+    ``friedel_I`` over the flat grid, ``lut``, :meth:`expand`, :meth:`gather`) is kept
+    for tests and small maps: each access builds full-grid arrays.
+    """
+
+    grid: HKLGrid
+    laue: object
+    unit_cell: tuple
+    d_min: float | None
+    d_max: float | None
+    reps: np.ndarray
+    values: dict
+    centric: np.ndarray | None = None
+    _lut: np.ndarray | None = field(default=None, repr=False)
+
+    # -- compact access (what the driver uses)
+    def compact(self) -> dict:
+        """voxels (flat indices, int64) and I, sigma, counts, half_I, friedel_I at them."""
+        return {"voxels": self.reps, **self.values}
+
+    def asu_voxels(self) -> np.ndarray:
+        return self.reps.astype(np.int64)
+
+    def _compact_values(self, values):
+        if values is None:
+            return self.values["I"]
+        values = np.asarray(values)
+        if len(values) == len(self.reps):
+            return values
+        if values.size == self.grid.n_voxels:
+            return values.ravel()[self.reps]
+        raise ValueError(f"values of length {len(values)}: neither compact ({len(self.reps)}) nor the grid")
+
+    def expand_slab(self, values, i0: int, i1: int, fill=np.nan, dtype=None) -> np.ndarray:
+        """Values (compact, or over the flat grid) on the grid slab h-index [i0, i1),
+        shape (i1 − i0, n_k, n_l); ``fill`` outside the resolution range."""
+        v = self._compact_values(values)
+        dt = np.result_type(v, type(fill)) if dtype is None else dtype
+        s = self.grid.shape
+        out = np.full((i1 - i0) * s[1] * s[2], fill, dtype=dt)
+        offset = np.asarray(self.grid.hkl_max, dtype=np.int64) * np.asarray(self.grid.ndiv)
+        _orbit_scatter(self.reps, self.laue.rotations, offset, np.asarray(s, dtype=np.int64), i0, i1,
+                       np.ascontiguousarray(v.astype(dt, copy=False)), out)
+        return out.reshape(i1 - i0, s[1], s[2])
+
+    def expand(self, values=None, fill=np.nan) -> np.ndarray:
+        return self.expand_slab(values, 0, self.grid.shape[0], fill)
+
+    # -- the MergedMap API over the flat grid (full-grid arrays: tests, small maps)
+    def _flat(self, v, fill):
+        out = np.full(self.grid.n_voxels, fill, dtype=np.result_type(v, type(fill)))
+        out[self.reps] = v
+        return out
+
+    @property
+    def I(self):
+        return self._flat(self.values["I"], np.nan)
+
+    @property
+    def sigma(self):
+        return self._flat(self.values["sigma"], np.nan)
+
+    @property
+    def counts(self):
+        return self._flat(self.values["counts"].astype(np.int64), 0)
+
+    @property
+    def half_I(self):
+        return [self._flat(h, np.float32(np.nan)) for h in self.values["half_I"]]
+
+    @property
+    def friedel_I(self):
+        return [self._flat(h, np.float32(np.nan)) for h in self.values["friedel_I"]]
+
+    @property
+    def lut(self):
+        if self._lut is None:
+            from diffuse_cli.symmetry import grid_asu_map
+
+            self._lut = grid_asu_map(self.grid, self.laue, self.unit_cell, d_min=self.d_min, d_max=self.d_max)
+        return self._lut
+
+    def gather(self, flat: np.ndarray) -> np.ndarray:
+        rep = self.lut[flat]
+        out = np.full(len(flat), np.nan)
+        ok = rep >= 0
+        out[ok] = self.I[rep[ok]]
+        return out
 
 
 def merged_from_compact(grid: HKLGrid, lut: np.ndarray, reps: np.ndarray, values: dict,

@@ -36,7 +36,8 @@ def _resolve_shortcuts(params):
 
 def scaling_model(sp, d_min: float):
     """ScaleModel (scaling.model=simple, no extra term) or ScalingTerms from the scaling scope."""
-    from diffuse_cli.scaling import ScaleModel, ScalingTerms, TermSettings
+    from diffuse_cli.scaling import ScaleModel
+    from diffuse_cli.scaling_terms import ScalingTerms, TermSettings
 
     base = ScaleModel(sp.n_control_points, d_star_sq_max=1.0 / d_min**2)
     full = sp.model == "full"
@@ -122,9 +123,8 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     from diffuse_cli import absolute_scale as absc
     from diffuse_cli import map_output
     from diffuse_cli.grid import HKLGrid
-    from diffuse_cli.merge_statistics import grid_d_star
     from diffuse_cli.merging import check_stills, format_statistics, scale_and_merge, shell_statistics
-    from diffuse_cli.scaling import ScalingTerms
+    from diffuse_cli.scaling_terms import ScalingTerms
     from diffuse_cli.ambiguity import ambiguity_operators, determine_reindexing
     from diffuse_cli.symmetry import LaueSymmetry
 
@@ -264,14 +264,12 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     _log_scales(result, files)
 
     os.makedirs(out, exist_ok=True)
-    I_full = merged.expand(merged.I)
-    sig_full = merged.expand(merged.sigma)
-    cnt_full = merged.expand(merged.counts, fill=0)
     extra = {}
-    # radial profile over the full expanded grid
-    ds_full = grid_d_star(grid, cell)
-    centres, prof, nprof = absc.radial_profile(I_full, ds_full, 1.0 / d_min, n_bins=60)
+    # the dense grid is made block by block of h-planes from the merged ASU voxels (never whole)
+    blocks = map_blocks(grid)
+    centres, prof, nprof = radial_profile_blocks(merged, grid, cell, 1.0 / d_min, blocks, n_bins=60)
     units = "arbitrary (merged) units"
+    sc = None
     if abs_plan is not None:
         comp = abs_plan["composition"]
         lo = 1.0 / params.absolute_scale.fit_d_max if params.absolute_scale.fit_d_max else None
@@ -287,7 +285,6 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         except ValueError as e:
             raise Sorry(f"absolute scale: {e}") from e
         sc.wilson = abs_plan["wilson"]
-        I_full, sig_full = absc.to_electron_units(I_full, sig_full, ds_full, sc)
         prof = sc.K * prof - sc.incoherent
         units = "electron units per unit cell (incoherent subtracted)"
         absc.plot_absolute_scale(sc, os.path.join(out, "absolute_scale.png"))
@@ -299,19 +296,32 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
                     sc.K, 1 / sc.fit_range[1], 1 / sc.fit_range[0] if sc.fit_range[0] else np.inf,
                     sc.residual)
         extra["absolute_scale_K"] = sc.K
-    del ds_full
-    map_output.write_ccp4(os.path.join(out, f"{params.output.prefix}.ccp4"), grid, I_full, cell,
-                          title=f"diffuse.merge {sg_symbol} ndiv={grid.ndiv[0]}")
+    I_block, sigma_block, counts_block = dense_blocks(merged, grid, cell, sc)
+    sections = {"hk0": [], "h0l": [], "0kl": None}
+    off = [m * n for m, n in zip(grid.hkl_max, grid.ndiv)]
+
+    def I_blocks():
+        for i0, i1 in blocks:
+            v = I_block(i0, i1)
+            sections["hk0"].append(v[:, :, off[2]].copy())
+            sections["h0l"].append(v[:, off[1], :].copy())
+            if i0 <= off[0] < i1:
+                sections["0kl"] = v[off[0] - i0].copy()
+            yield v
+
+    map_output.write_ccp4_slabs(os.path.join(out, f"{params.output.prefix}.ccp4"), grid, I_blocks(), cell,
+                                title=f"diffuse.merge {sg_symbol} ndiv={grid.ndiv[0]}")
     for plane in ("hk0", "h0l", "0kl"):
-        map_output.plot_section(os.path.join(out, f"slice_{plane}.png"), grid, I_full, cell,
-                                plane, title=f"{plane} section ({units.split(' (')[0]})")
+        sec = sections[plane] if plane == "0kl" else np.concatenate(sections[plane])
+        map_output.plot_section_values(os.path.join(out, f"slice_{plane}.png"), grid, sec, cell,
+                                       plane, title=f"{plane} section ({units.split(' (')[0]})")
     map_output.plot_radial(os.path.join(out, "I_vs_q.png"), centres, prof,
                            ylabel=f"⟨I⟩ ({units.split(' (')[0]})")
     program.write_json(os.path.join(out, "statistics.json"), stats)
     map_output.plot_shell_statistics(os.path.join(out, "statistics.png"), stats)
     program.write_json(os.path.join(out, "scales.json"), _scales_json(result, files, reindexed, crystal_ops))
     if result.terms is not None and params.scaling.enable:
-        from diffuse_cli.scaling import plot_terms
+        from diffuse_cli.scaling_plots import plot_terms
 
         for name in plot_terms(result.terms, out, [os.path.basename(f) for f in files]):
             logger.info("Wrote %s", name)
@@ -321,7 +331,7 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     # the map last: its provenance key says that every output above is of this run
     stored = provenance.npz_fields(key, parts)
     merged_format.write_merged(
-        npz, grid, I_full, sig_full, cnt_full, cell, sg_symbol,
+        npz, grid, I_block, sigma_block, counts_block, cell, sg_symbol,
         units=units, laue_group=laue.laue_symbol, n_stills=len(files),
         n_observations=result.n_observations, files=np.array([os.path.basename(f) for f in files]),
         scales=result.params, half=result.half, d_min=d_min, d_max=d_max or 0.0,
@@ -333,6 +343,64 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     logger.info("Wrote %s, %s.ccp4, slices, I_vs_q.png, statistics.json/.png, scales.json in %s",
                 os.path.basename(npz), params.output.prefix, out)
     return result
+
+
+def map_blocks(grid, block_bytes: int = 64 << 20) -> list[tuple[int, int]]:
+    """Ranges [i0, i1) of h-planes, each about ``block_bytes`` of float64 (the outputs' unit)."""
+    step = max(1, block_bytes // (8 * grid.shape[1] * grid.shape[2]))
+    return [(i, min(grid.shape[0], i + step)) for i in range(0, grid.shape[0], step)]
+
+
+def block_d_star(grid, unit_cell, i0: int, i1: int) -> np.ndarray:
+    """d* (Å⁻¹) of the voxel centres of h-planes [i0, i1) (as merge_statistics.grid_d_star)."""
+    from diffuse_cli.symmetry import reciprocal_metric
+
+    g = reciprocal_metric(unit_cell)
+    h, k, l = grid.axes()
+    h, k, l = h[i0:i1, None, None], k[None, :, None], l[None, None, :]
+    out = g[0, 0] * h * h + g[1, 1] * k * k
+    out = out + (g[2, 2] * l * l + 2 * g[1, 2] * k * l)
+    out += 2 * g[0, 1] * h * k
+    out += 2 * g[0, 2] * h * l
+    return np.sqrt(np.maximum(out, 0.0, out=out), out=out)
+
+
+def radial_profile_blocks(merged, grid, unit_cell, d_star_max: float, blocks, n_bins: int = 60):
+    """absolute_scale.radial_profile of the dense merged I, summed block by block:
+    (bin centres Å⁻¹, means, counts)."""
+    n = np.zeros(n_bins, dtype=np.int64)
+    s = np.zeros(n_bins)
+    I = merged.compact()["I"]
+    for i0, i1 in blocks:
+        v = merged.expand_slab(I, i0, i1).ravel()
+        ds = block_d_star(grid, unit_cell, i0, i1).ravel()
+        ok = np.isfinite(v) & (ds <= d_star_max)
+        b = np.minimum((ds[ok] / d_star_max * n_bins).astype(np.int64), n_bins - 1)
+        n += np.bincount(b, minlength=n_bins)
+        s += np.bincount(b, v[ok], minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, s / n, np.nan)
+    return (np.arange(n_bins) + 0.5) * d_star_max / n_bins, mean, n
+
+
+def dense_blocks(merged, grid, unit_cell, scale=None):
+    """Functions (i0, i1) → the dense I, σ (float32; in electron units with an absolute
+    ``scale``) and counts (int64) of h-planes [i0, i1), from the merged ASU voxels."""
+    from diffuse_cli import absolute_scale as absc
+
+    cm = merged.compact()
+
+    def intensity(i0, i1):
+        I = merged.expand_slab(cm["I"], i0, i1)
+        if scale is not None:
+            I = absc.to_electron_units(I, 0.0, block_d_star(grid, unit_cell, i0, i1), scale)[0]
+        return I.astype(np.float32)
+
+    def sigma(i0, i1):
+        sig = merged.expand_slab(cm["sigma"], i0, i1)
+        return (sig if scale is None else scale.K * sig).astype(np.float32)  # as to_electron_units
+
+    return intensity, sigma, lambda i0, i1: merged.expand_slab(cm["counts"], i0, i1, fill=0, dtype=np.int64)
 
 
 def _extract_records_bragg_masks(path: str) -> bool | None:

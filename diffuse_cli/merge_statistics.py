@@ -19,11 +19,15 @@ def voxel_hkl(grid: HKLGrid, flat: np.ndarray) -> np.ndarray:
     return (u - off) / np.asarray(grid.ndiv, dtype=np.float64)
 
 
-def voxel_d_star(grid: HKLGrid, flat: np.ndarray, unit_cell) -> np.ndarray:
-    """d* (Å⁻¹) of voxel centres for the reference cell."""
-    h = voxel_hkl(grid, flat)
+def voxel_d_star(grid: HKLGrid, flat: np.ndarray, unit_cell, chunk: int = 1 << 20) -> np.ndarray:
+    """d* (Å⁻¹) of voxel centres for the reference cell (in chunks: no (N, 3) temporaries)."""
     g = reciprocal_metric(unit_cell)
-    return np.sqrt(np.einsum("ni,ij,nj->n", h, g, h))
+    flat = np.asarray(flat)
+    out = np.empty(len(flat))
+    for a in range(0, len(flat), chunk):
+        h = voxel_hkl(grid, flat[a:a + chunk])
+        out[a:a + chunk] = np.sqrt(np.einsum("ni,ij,nj->n", h, g, h))
+    return out
 
 
 def grid_d_star(grid: HKLGrid, unit_cell) -> np.ndarray:
@@ -46,9 +50,41 @@ def shell_edges(d_star_min: float, d_star_max: float, n_shells: int) -> np.ndarr
 
 
 def _cc(x, y):
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+    """Pearson correlation (NaN for < 3 points or a constant input), in float64 chunks."""
+    if len(x) < 3:
         return np.nan
-    return float(np.corrcoef(x, y)[0, 1])
+    mx, my = np.mean(x, dtype=np.float64), np.mean(y, dtype=np.float64)
+    sxx = syy = sxy = 0.0
+    for a in range(0, len(x), 1 << 20):
+        dx = np.asarray(x[a:a + (1 << 20)], dtype=np.float64) - mx
+        dy = np.asarray(y[a:a + (1 << 20)], dtype=np.float64) - my
+        sxx, syy, sxy = sxx + float(dx @ dx), syy + float(dy @ dy), sxy + float(dx @ dy)
+    if sxx == 0 or syy == 0:
+        return np.nan
+    return float(sxy / np.sqrt(sxx * syy))
+
+
+def _cc_split(x, y, mask, shell, shells):
+    """Pearson correlation of x and y where ``mask``, over the voxels of ``shells`` (shell
+    number per voxel ``shell``), two-pass in float64 one shell at a time (NaN: < 3 points)."""
+    def parts():
+        for k in shells:
+            sel = mask & (shell == k)
+            yield x[sel], y[sel]
+
+    n, sx, sy = 0, 0.0, 0.0
+    for a, b in parts():
+        n, sx, sy = n + len(a), sx + float(a.sum(dtype=np.float64)), sy + float(b.sum(dtype=np.float64))
+    if n < 3:
+        return np.nan
+    mx, my = sx / n, sy / n
+    sxx = syy = sxy = 0.0
+    for a, b in parts():
+        dx, dy = a.astype(np.float64) - mx, b.astype(np.float64) - my
+        sxx, syy, sxy = sxx + float(dx @ dx), syy + float(dy @ dy), sxy + float(dx @ dy)
+    if sxx == 0 or syy == 0:
+        return np.nan
+    return float(sxy / np.sqrt(sxx * syy))
 
 
 def anisotropic_part(values: np.ndarray, d_star_bin: np.ndarray, n_bins: int,
@@ -58,6 +94,14 @@ def anisotropic_part(values: np.ndarray, d_star_bin: np.ndarray, n_bins: int,
     b = d_star_bin[sel]
     n = np.maximum(np.bincount(b, None, n_bins), 1)
     iso = np.bincount(b, values[sel], n_bins) / n
+    return values - iso[d_star_bin]
+
+
+def _anisotropic_part32(values, d_star_bin, n_bins, select):
+    """:func:`anisotropic_part` of float32 half maps, in float32 (their precision)."""
+    b = d_star_bin[select]
+    n = np.maximum(np.bincount(b, None, n_bins), 1)
+    iso = (np.bincount(b, values[select], n_bins) / n).astype(np.float32)
     return values - iso[d_star_bin]
 
 
@@ -97,55 +141,70 @@ def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
     taken in ``n_iso_bins`` narrow d* bins (much finer than the shells, so
     the radial fall-off inside a shell is removed too), then correlates.
     """
-    vox = merged.asu_voxels()
-    ds = voxel_d_star(merged.grid, vox, unit_cell)
+    cm = merged.compact()  # values at the ASU voxels only (no full-grid arrays)
+    vox = cm.pop("voxels")
     lo = 1.0 / d_max if d_max else 0.0
-    hi = 1.0 / d_min if d_min else float(ds.max()) * (1 + 1e-9)
+    chunk = 1 << 20  # voxels at a time: d* and the bins without map-sized float64 temporaries
+    hi = 1.0 / d_min if d_min else max((float(voxel_d_star(merged.grid, vox[a:a + chunk], unit_cell).max())
+                                        for a in range(0, len(vox), chunk)), default=1.0) * (1 + 1e-9)
     edges = shell_edges(lo, hi, n_shells)
-    shell = np.clip(np.searchsorted(edges, ds, side="right") - 1, 0, n_shells - 1)
-    fine = np.clip(((ds - lo) / (hi - lo) * n_iso_bins).astype(np.int64), 0, n_iso_bins - 1)
-    I = merged.I[vox]
-    sig = merged.sigma[vox]
-    cnt = merged.counts[vox]
+    shell = np.empty(len(vox), dtype=np.int16 if n_shells < 2**15 else np.int32)
+    fine = np.empty(len(vox), dtype=np.int16 if n_iso_bins < 2**15 else np.int32)
+    for a in range(0, len(vox), chunk):
+        ds = voxel_d_star(merged.grid, vox[a:a + chunk], unit_cell)
+        shell[a:a + chunk] = np.clip(np.searchsorted(edges, ds, side="right") - 1, 0, n_shells - 1)
+        fine[a:a + chunk] = np.clip(((ds - lo) / (hi - lo) * n_iso_bins).astype(np.int64), 0, n_iso_bins - 1)
+    del vox
+    I = cm["I"]
+    sig = cm["sigma"]
+    cnt = cm["counts"]
     measured = cnt > 0
-    have_halves = len(merged.half_I) >= 2
+    have_halves = len(cm["half_I"]) >= 2
     if have_halves:
-        h1 = merged.half_I[0][vox]
-        h2 = merged.half_I[1][vox]
+        h1 = cm["half_I"][0]
+        h2 = cm["half_I"][1]
         both = np.isfinite(h1) & np.isfinite(h2)
-        a1 = anisotropic_part(h1, fine, n_iso_bins, both)
-        a2 = anisotropic_part(h2, fine, n_iso_bins, both)
-    have_friedel = len(merged.friedel_I) == 2
+        a1 = _anisotropic_part32(h1, fine, n_iso_bins, both)
+        a2 = _anisotropic_part32(h2, fine, n_iso_bins, both)
+    have_friedel = len(cm["friedel_I"]) == 2
     if have_friedel:
-        fp = merged.friedel_I[0][vox]
-        fm = merged.friedel_I[1][vox]
+        fp = cm["friedel_I"][0]
+        fm = cm["friedel_I"][1]
         pair = np.isfinite(fp) & np.isfinite(fm)
 
-    def row(sel, d_lo, d_hi):
-        m = sel & measured
+    def row(shells, d_lo, d_hi):
+        # the row's voxels are those of ``shells``, taken one shell at a time (no copies of the whole map)
+        n_vox = n_meas = 0
+        s_cnt = s_I = s_ios = 0.0
+        for k in shells:
+            sel = shell == k
+            m = sel & measured
+            n_vox += int(sel.sum())
+            n_meas += int(m.sum())
+            s_cnt += float(cnt[m].sum(dtype=np.float64))
+            s_I += float(I[m].sum(dtype=np.float64))
+            s_ios += float((I[m] / sig[m]).sum(dtype=np.float64))
         r = {
             "d_max": float(1 / d_lo) if d_lo > 0 else float("inf"),
             "d_min": float(1 / d_hi),
-            "n_voxels": int(sel.sum()),
-            "n_measured": int(m.sum()),
-            "completeness": float(m.sum() / max(sel.sum(), 1)),
-            "multiplicity": float(cnt[m].mean()) if m.any() else 0.0,
-            "mean_I": float(np.mean(I[m])) if m.any() else np.nan,
-            "mean_I_over_sigma": float(np.mean(I[m] / sig[m])) if m.any() else np.nan,
+            "n_voxels": n_vox,
+            "n_measured": n_meas,
+            "completeness": float(n_meas / max(n_vox, 1)),
+            "multiplicity": s_cnt / n_meas if n_meas else 0.0,
+            "mean_I": s_I / n_meas if n_meas else np.nan,
+            "mean_I_over_sigma": s_ios / n_meas if n_meas else np.nan,
         }
         if have_halves:
-            sb = sel & both
-            r["n_cc"] = int(sb.sum())
-            r["cc_half"] = _cc(h1[sb], h2[sb])
-            r["cc_half_aniso"] = _cc(a1[sb], a2[sb])
+            r["n_cc"] = int(sum(int((both & (shell == k)).sum()) for k in shells))
+            r["cc_half"] = _cc_split(h1, h2, both, shell, shells)
+            r["cc_half_aniso"] = _cc_split(a1, a2, both, shell, shells)
         if have_friedel:
-            sp = sel & pair
-            r["n_friedel"] = int(sp.sum())
-            r["cc_friedel"] = _cc(fp[sp], fm[sp])
+            r["n_friedel"] = int(sum(int((pair & (shell == k)).sum()) for k in shells))
+            r["cc_friedel"] = _cc_split(fp, fm, pair, shell, shells)
         return r
 
-    rows = [row(shell == s, edges[s], edges[s + 1]) for s in range(n_shells)]
-    overall = row(np.ones(len(vox), dtype=bool), edges[0], edges[-1])
+    rows = [row([k], edges[k], edges[k + 1]) for k in range(n_shells)]
+    overall = row(range(n_shells), edges[0], edges[-1])
     return {"shells": rows, "overall": overall, "edges_d_star": edges.tolist()}
 
 

@@ -20,6 +20,11 @@ when numba is importable (≈ 20–40 M observations per CPU-second here for
 detector-ordered pixels), with a numpy ``unique``/``bincount`` fallback
 (≈ 4 M/s) that gives the same sums to rounding.
 
+The default (simple model, numba) path reads each still once and keeps its
+sums per compact ASU voxel only; its result is a
+:class:`~diffuse_cli.merge_accumulator.CompactMergedMap` (see
+``scale_and_merge(cached=...)``).
+
 Distributed runs (MPI): every rank accumulates its own stills; the arrays are
 summed with ``Allreduce``, giving the same map as a serial run.
 """
@@ -41,8 +46,9 @@ from diffuse_cli.merge_consistency import (StillIdentity, cell_deviation, cell_o
 from diffuse_cli.merge_statistics import (anisotropic_part, format_statistics,  # noqa: F401  (re-exported)
                                           map_agreement, shell_edges, shell_statistics, voxel_d_star,
                                           voxel_hkl)
-from diffuse_cli.scaling import (FitResult, ScaleModel, ScalingTerms, fit_scale, leave_one_out,
-                                 model_variance, normalisation, relax)
+from diffuse_cli.scaling import (FitResult, ScaleModel, fit_scale, leave_one_out, model_variance, normalisation,
+                                 relax)
+from diffuse_cli.scaling_terms import ScalingTerms
 from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map, reciprocal_metric
 from diffuse_cli.merge_prepared import (CACHE_BYTES, _SCRATCH, _buffer, _fit_prepared, _floor, _PreparedStore,
                                         _reference_subset, prepare_still)
@@ -551,17 +557,8 @@ def _end_of_pass(acc, comm, new, ok, fits, mine, params, scaled: bool):
     ranks; the parameters normalised (:func:`normalisation`). Returns (params, fits,
     normalisation factor, max relative change; inf on the unscaled first pass)."""
     acc.reduce(comm)
-    if comm is not None and comm.Get_size() > 1:
-        from mpi4py import MPI
-
-        comm.Allreduce(MPI.IN_PLACE, new, op=MPI.SUM)
-        comm.Allreduce(MPI.IN_PLACE, ok, op=MPI.SUM)
-        fits = _gather_fits(comm, fits, mine, len(fits))
-    if not scaled:
-        return new, fits, 1.0, np.inf
-    norm = normalisation(new, ok > 0)
-    new = new / norm
-    return new, fits, norm, float(np.max(np.abs(new / params - 1.0)))
+    _, new, fits, norm, change = _gather_params(comm, new, ok, fits, mine, params, scaled)
+    return new, fits, norm, change
 
 
 def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=None, scale=True, model=None,
@@ -572,9 +569,13 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
     n_stills = len(source)
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     mine = list(range(rank, n_stills, size))
-    lut, hand = _asu_maps(grid, laue, unit_cell, d_min, d_max, lut, friedel)
-    reps, table = compact_tables(lut)
+    if lut is None:  # no full-grid int64 map: the int32 table and the hand, freed after reading
+        reps, table, hand = _ma.compact_asu(grid, laue, unit_cell, d_min, d_max, friedel=friedel)
+    else:
+        lut, hand = _asu_maps(grid, laue, unit_cell, d_min, d_max, lut, friedel)
+        reps, table = compact_tables(lut)
     n_c = len(reps)
+    centric = None if hand is None else hand[reps] == 0
     if model is None:
         model = ScaleModel(1, d_star_sq_max=(1.0 / d_min**2) if d_min else 1.0)
     gstar = reciprocal_metric(unit_cell)
@@ -597,71 +598,87 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
         if store.n_spilled:
             logger.info("Observations of %d stills kept on disk (%s), %d in memory",
                         store.n_spilled, store.directory, len(store.items) - store.n_spilled)
-        del table
+        del table, hand
+        # reference: the previous pass's map per compact voxel (I, sigma, counts)
         reference = None
         empty = np.empty(0)
         for it in range(n_passes):
-            acc = CompactAccumulator(n_c, 2)
+            scaled = reference is not None
             new = np.zeros_like(params)
             ok = np.zeros(n_stills)
-            for i in (progress(mine, desc=f"pass {it}") if progress else mine):
-                p = store.get(i)
-                if reference is not None:
-                    fits[i] = _fit_prepared(model, p, reference["I"], reference["counts"], min_reference_counts,
+            # every still's fit first, so that the pass knows whether it is the last one
+            # (only the last one needs the half-dataset and Friedel sums)
+            for i in (progress(mine, desc=f"fit {it}") if (progress and scaled) else mine):
+                if scaled:
+                    fits[i] = _fit_prepared(model, store.get(i), reference["I"], reference["counts"],
+                                            min_reference_counts,
                                             previous=(params[i], _reject_limit(fits[i], reject_sigma), 1.0 / n_stills,
                                                       reference["sigma"]))
-                    if fits[i].ok:
-                        new[i] = fits[i].params
-                        ok[i] = 1
-                    else:
-                        new[i] = params[i]
+                    ok[i] = fits[i].ok
+                    new[i] = fits[i].params if fits[i].ok else params[i]
                 else:
                     new[i] = params[i]
                     ok[i] = 1
+            raw, normalised, fits, norm, change = _gather_params(comm, new, ok, fits, mine, params, scaled)
+            last = it == n_passes - 1 or (scaled and change < tolerance)
+            ref = reference["I"] if scaled else empty
+            if last:
+                reference = None  # σ and counts were for the fits only
+            acc = CompactAccumulator(n_c, statistics=last)
+            for i in (progress(mine, desc=f"pass {it}") if progress else mine):
+                p = store.get(i)
                 if model.n_control_points == 1:
-                    factor = np.array([1.0 / new[i, 0]])
+                    factor = np.array([1.0 / raw[i, 0]])
                 else:
-                    factor = 1.0 / model.evaluate(new[i], np.asarray(p.dss, dtype=np.float64))
+                    factor = 1.0 / model.evaluate(raw[i], np.asarray(p.dss, dtype=np.float64))
                 limit = 0.0
-                if reference is not None and reject_sigma and fits[i] is not None and fits[i].ok:
+                if scaled and reject_sigma and fits[i] is not None and fits[i].ok:
                     limit = float(reject_sigma * fits[i].residual_scale)
-                ref = reference["I"] if reference is not None else empty
                 expected, floor = empty, 0.0
                 if p.v1 is not None:
                     expected = _buffer("expected", len(p.c))
-                    if reference is None:
+                    if not scaled:
                         expected.fill(p.typical)
                     else:
                         _ma._expected(p.c, ref, 1.0 / factor, p.typical, expected)
                     floor = _floor(expected, p.typical, p.n_dropped)
-                h = int(half[i])
                 acc.n_added += _ma._pass(p.c, p.side, p.I, p.sigma, empty if p.v1 is None else p.v1,
                                          factor, ref, expected, floor, limit if np.isfinite(limit) else 0.0,
-                                         acc.acc[h], acc.fr)
-            new, fits, norm, change = _end_of_pass(acc, comm, new, ok, fits, mine, params, reference is not None)
-            params = new
-            scaled = reference is not None
-            previous = reference
-            reference = ref = None
-            values = acc.means(factor=norm)
+                                         int(half[i]), acc.sw, acc.swi, acc.cnt, *acc.stats)
+            acc.reduce(comm)
+            ref = None
+            params = normalised
             n_obs = acc.n_added
             iterations = it
-            del acc
             if scaled:
                 history.append(change)
                 logger.info("scaling pass %d: max relative scale change %.2e", it, change)
-                if change < tolerance:
-                    converged = True
-                    break
-            reference = values
-            if previous is not None:
-                I, sig, cnt = _carry_rejected(values["I"], values["sigma"], values["counts"],
-                                              previous["I"], previous["sigma"], previous["counts"])
-                reference = {**values, "I": I, "sigma": sig, "counts": cnt}
-            previous = None
+                converged = converged or change < tolerance
+            if last:
+                values = acc.take_means(factor=norm, centric=centric, friedel=centric is not None)
+                break
+            reference = acc.next_reference(norm, reference)
+            del acc
     finally:
         store.close()
         _SCRATCH.clear()
-    reference = None  # the previous pass's map: not needed beside the full-grid one
-    merged = merged_from_compact(grid, lut, reps, values, friedel=hand is not None)
+    merged = _ma.CompactMergedMap(grid, laue, tuple(unit_cell), d_min, d_max, reps, values,
+                                  centric=centric, _lut=lut)
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
+
+
+def _gather_params(comm, new, ok, fits, mine, params, scaled: bool):
+    """A pass's new per-still parameters and fits gathered over MPI ranks, and normalised
+    (:func:`normalisation`). Returns (gathered, normalised, fits, normalisation factor,
+    max relative change; inf on the unscaled first pass)."""
+    if comm is not None and comm.Get_size() > 1:
+        from mpi4py import MPI
+
+        comm.Allreduce(MPI.IN_PLACE, new, op=MPI.SUM)
+        comm.Allreduce(MPI.IN_PLACE, ok, op=MPI.SUM)
+        fits = _gather_fits(comm, fits, mine, len(fits))
+    if not scaled:
+        return new, new, fits, 1.0, np.inf
+    norm = normalisation(new, ok > 0)
+    normalised = new / norm
+    return new, normalised, fits, norm, float(np.max(np.abs(normalised / params - 1.0)))

@@ -20,7 +20,8 @@ import pytest
 
 from diffuse_cli.grid import HKLGrid
 from diffuse_cli.merging import ListSource, scale_and_merge, voxel_flat
-from diffuse_cli.scaling import ScaleModel, ScalingTerms, TermSettings
+from diffuse_cli.scaling import ScaleModel
+from diffuse_cli.scaling_terms import ScalingTerms, TermSettings
 from diffuse_cli.symmetry import LaueSymmetry, b_matrix
 from test_merge_common import random_rotations, symmetric_truth
 
@@ -198,7 +199,7 @@ def test_map_recovered_and_simple_model_worse(synthetic, merged_full):
 
 
 def test_each_term_plotted(merged_full, tmp_path):
-    from diffuse_cli.scaling import plot_terms
+    from diffuse_cli.scaling_plots import plot_terms
 
     res, _ = merged_full
     names = plot_terms(res.terms, str(tmp_path))
@@ -277,7 +278,7 @@ def test_three_stills_converge_to_their_scales(no_absorption):
 #
 # Where the reference is (nearly) a function of |s| alone, g·(I_ref + c) = g'·(I_ref + c') for a
 # whole family of (g, c): the split between scale and offset is not fixed by the data.
-# scaling.offset_prior puts a zero-mean prior on exactly the offset modes that keep less than
+# scaling_terms.offset_prior puts a zero-mean prior on exactly the offset modes that keep less than
 # OFFSET_INFORMATION_FLOOR of their information once g (and a) are free (docs/merge.md).
 
 def _radial_still(contrast, seed=3, n=4000, n_c=4, s_max=0.5):
@@ -306,7 +307,7 @@ def _generalised_eigenvalues(M, blk, M_ref=None):
 
 
 def test_offset_prior_lifts_only_the_modes_the_scale_can_mimic():
-    from diffuse_cli.scaling import OFFSET_INFORMATION_FLOOR, offset_prior
+    from diffuse_cli.scaling_terms import OFFSET_INFORMATION_FLOOR, offset_prior
 
     blk = slice(1, 5)
     for contrast, n_lifted in ((0.0, 1), (0.5, 0)):
@@ -335,10 +336,10 @@ def test_scale_offset_split_on_a_radial_map_is_identifiable(monkeypatch, floor):
     """On an exactly radial reference, the fit from two starting scales must agree with the prior
     (the offset mode that g mimics goes to 0, g takes it); without it (floor 0) it depends on the
     start or fails. The prediction g·(I_ref + c) is then right."""
-    import diffuse_cli.scaling as scaling
+    import diffuse_cli.scaling_terms as scaling_terms
 
     if floor is not None:
-        monkeypatch.setattr(scaling, "OFFSET_INFORMATION_FLOOR", floor)
+        monkeypatch.setattr(scaling_terms, "OFFSET_INFORMATION_FLOOR", floor)
     terms, co, _, ref, mu, I, sig = _radial_still(0.0)
     g, pred, ok = [], [], []
     for g0 in (1.0, 1.5):
