@@ -127,7 +127,9 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
         P = Dm.T @ Dm
     c = np.zeros(n)
     scale = 1.0
-    for it in range(2 * n_irls):
+    it = 0
+    while it < 2 * n_irls:
+        c_prev, hub_prev = c, hub
         w = w0 * hub
         N = (D * w[:, None]).T @ D
         b = (D * w[:, None]).T @ I
@@ -152,6 +154,14 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
         else:
             u = r / (TUKEY_C * scale)
             hub = np.where(np.abs(u) < 1.0, (1.0 - u * u) ** 2, 0.0)
+        it += 1
+        # a fixed point of this phase (same weights, g within 1e-12): its remaining
+        # iterations would repeat it, so go on with the next phase (Tukey) or stop
+        if it > 1 and np.all(np.abs(c - c_prev) <= 1e-12 * np.abs(c)) and np.array_equal(hub, hub_prev):
+            if variance_per_intensity is None and it <= n_irls:
+                it = n_irls
+            else:
+                break
     r = (I - D @ c) / s_model
     inl = hub > 0
     rms = float(np.sqrt(np.mean(r[inl] ** 2))) if inl.any() else np.nan
