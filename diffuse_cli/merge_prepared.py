@@ -57,8 +57,10 @@ def _reference_subset(grid, reference: MergedMap, hkl, I, sig, v1, fit_max_obs, 
 
 #: bytes of prepared observations kept in memory; beyond, stills are written to
 #: temporary .npy files and read back memory-mapped in every pass (≈ 17 bytes per
-#: observation inside the resolution range, plus the fit subset)
-CACHE_BYTES = 2 << 30
+#: observation inside the resolution range, plus the fit subset). 1 GiB keeps a
+#: merge of any number of stills under the 2 GB per worker of issue 12 (the rest of
+#: its peak is the grid's sums and the libraries, ≈ 0.4 GB for the XFEL benchmark).
+CACHE_BYTES = 1 << 30
 
 
 @dataclass
