@@ -279,13 +279,8 @@ def fit_peak_models(groups, experiments, geometry_by_key, static_by_key, params)
 
     fit, sp = params.predicted.fit, params.strong_pixels
     reflections = _STATE.get("reflections_for_fit") or {}
-    frames_of: dict[int, list] = {}
-    for _, refs in groups:
-        for ref in refs:
-            if ref.frame is not None:
-                frames_of.setdefault(ref.experiment_index, []).append(ref)
     models = {}
-    for index, refs in frames_of.items():
+    for index, refs in _sweep_frames(groups).items():
         expt = experiments[index]
         key = geometry_key(expt.detector, expt.beam)
         geometry = geometry_by_key[key].for_beam(expt.beam)
@@ -325,6 +320,16 @@ def fit_peak_models(groups, experiments, geometry_by_key, static_by_key, params)
     return models
 
 
+def _sweep_frames(groups) -> dict[int, list]:
+    """``{experiment index: its rotation-frame refs}`` over all groups (stills left out)."""
+    frames_of: dict[int, list] = {}
+    for _, refs in groups:
+        for ref in refs:
+            if ref.frame is not None:
+                frames_of.setdefault(ref.experiment_index, []).append(ref)
+    return frames_of
+
+
 def fit_spot_models(groups, experiments, geometry_by_key, static_by_key, params, reflections) -> dict:
     """``{experiment index: SpotModel}`` for every sweep among the images (``peak_model=spots``).
 
@@ -336,13 +341,8 @@ def fit_spot_models(groups, experiments, geometry_by_key, static_by_key, params,
     from diffuse_cli.extraction import geometry_key
 
     fit, sp = params.predicted.fit, params.predicted.spots
-    frames_of: dict[int, list] = {}
-    for _, refs in groups:
-        for ref in refs:
-            if ref.frame is not None:
-                frames_of.setdefault(ref.experiment_index, []).append(ref)
     models = {}
-    for index, refs in frames_of.items():
+    for index, refs in _sweep_frames(groups).items():
         expt = experiments[index]
         table = None if reflections is None else reflections.get(index)
         if table is None or len(table) == 0 or "intensity.sum.value" not in table:

@@ -682,7 +682,7 @@ def compact_asu(grid: HKLGrid, laue, unit_cell=None, d_min=None, d_max=None, fri
     Built as grid_asu_map is (representatives found chunk by chunk, their images pointed at
     them), writing the compact index directly. 5 bytes per grid voxel.
     """
-    from diffuse_cli.symmetry import _orbit_fill, reciprocal_metric
+    from diffuse_cli.symmetry import _orbit_fill, reciprocal_metric, representatives_in_range
 
     shape = np.asarray(grid.shape, dtype=np.int64)
     offset = np.asarray(grid.hkl_max, dtype=np.int64) * np.asarray(grid.ndiv)
@@ -704,16 +704,7 @@ def compact_asu(grid: HKLGrid, laue, unit_cell=None, d_min=None, d_max=None, fri
         v[..., 2] = np.arange(shape[2]) - offset[2]
         v = v.reshape(-1, 3)
         flat = np.arange(i0 * plane, i1 * plane, dtype=np.int64)
-        rep = laue.is_inside(v)
-        if gstar is not None and (d_min is not None or d_max is not None):
-            h = v[rep] / ndiv
-            dss = np.einsum("ni,ij,nj->n", h, gstar, h)
-            keep = np.ones(len(h), dtype=bool)
-            if d_min is not None:
-                keep &= dss <= 1.0 / d_min**2
-            if d_max is not None:
-                keep &= dss >= 1.0 / d_max**2
-            rep[np.flatnonzero(rep)[~keep]] = False
+        rep = representatives_in_range(v, laue, ndiv, gstar, d_min, d_max)
         fr = flat[rep]
         idx = np.arange(n_c, n_c + len(fr), dtype=np.int64)
         vr = np.ascontiguousarray(v[rep])

@@ -195,6 +195,25 @@ except ImportError:  # pragma: no cover - depends on the installation
     _orbit_fill = None
 
 
+def representatives_in_range(v: np.ndarray, laue: LaueSymmetry, ndiv, gstar, d_min=None, d_max=None) -> np.ndarray:
+    """True where grid index vector v (N, 3; hkl·ndiv) is its ASU representative within d_min…d_max (Å).
+
+    d is taken in the reference cell (``gstar``, its reciprocal metric); with
+    ``gstar`` None or no limit, every representative is kept.
+    """
+    rep = laue.is_inside(v)
+    if gstar is not None and (d_min is not None or d_max is not None):
+        h = v[rep] / np.asarray(ndiv, dtype=np.float64)
+        dss = np.einsum("ni,ij,nj->n", h, gstar, h)
+        keep = np.ones(len(h), dtype=bool)
+        if d_min is not None:
+            keep &= dss <= 1.0 / d_min**2
+        if d_max is not None:
+            keep &= dss >= 1.0 / d_max**2
+        rep[np.flatnonzero(rep)[~keep]] = False
+    return rep
+
+
 def grid_asu_map(grid, laue: LaueSymmetry, unit_cell=None, d_min=None, d_max=None,
                  chunk: int = 4_000_000, return_hand: bool = False):
     """For every voxel of ``grid``, the flat index of its ASU representative.
@@ -228,17 +247,7 @@ def grid_asu_map(grid, laue: LaueSymmetry, unit_cell=None, d_min=None, d_max=Non
     for start in range(0, n, chunk):
         flat = np.arange(start, min(n, start + chunk), dtype=np.int64)
         v = np.stack(np.unravel_index(flat, grid.shape), axis=-1) - offset
-        rep = laue.is_inside(v)
-        if gstar is not None and (d_min is not None or d_max is not None):
-            h = v[rep] / ndiv
-            dss = np.einsum("ni,ij,nj->n", h, gstar, h)
-            keep = np.ones(len(h), dtype=bool)
-            if d_min is not None:
-                keep &= dss <= 1.0 / d_min**2
-            if d_max is not None:
-                keep &= dss >= 1.0 / d_max**2
-            idx = np.flatnonzero(rep)
-            rep[idx[~keep]] = False
+        rep = representatives_in_range(v, laue, ndiv, gstar, d_min, d_max)
         fr = flat[rep]
         if _orbit_fill is not None:
             _orbit_fill(fr, np.ascontiguousarray(v[rep]), laue.rotations, dets, offset, shape, lut,
