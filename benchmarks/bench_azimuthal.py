@@ -6,7 +6,7 @@ Times, per image after the first (geometry and bins set up once):
   ``Binning.profile`` (np.bincount over precomputed bin indices);
 * pyFAI 0.21 ``integrate1d`` with several methods, same mask, no solid-angle
   or polarization correction, same q range and bins (q_A^-1), on the same
-  parallax-free geometry (:func:`diffuse_cli.azimuthal.pyfai_integrator`).
+  parallax-free geometry (:func:`diffuse_cli.pyfai_glue.pyfai_integrator`).
 
 Image reading (dxtbx) is timed separately: it is the same for both.
 
@@ -29,10 +29,15 @@ import sys
 import tempfile
 import time
 
-import numpy as np
+# One core for both sides; with DIALS loaded, pyFAI's multi-threaded
+# integrate1d also varies from run to run (as in tests/conftest.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import diffuse_cli  # noqa: F401
-from diffuse_cli import azimuthal as az
+import numpy as np  # noqa: E402
+
+import diffuse_cli  # noqa: F401,E402
+from diffuse_cli import azimuthal as az  # noqa: E402
+from diffuse_cli import pyfai_glue  # noqa: E402
 
 N_BINS = 500
 # no pixel splitting, as diffuse does; ("bbox", "csr", "cython") was left out:
@@ -87,7 +92,7 @@ def main():
         t = time.perf_counter()
         raws = [iset.get_raw_data(i) for i in range(n_images)]
         t_read = (time.perf_counter() - t) / n_images
-        det = az.without_parallax(expts[0].detector)
+        det = pyfai_glue.without_parallax(expts[0].detector)
         beam = expts[0].beam
         n_pix = sum(p.get_image_size()[0] * p.get_image_size()[1] for p in det)
 
@@ -121,7 +126,7 @@ def main():
         masks = [~((d > tlo) & (d < thi)) for d in datas]
         results = []
         for method in PYFAI_METHODS:
-            ai = az.pyfai_integrator(det[0], beam)  # fresh integrator: first call pays its setup
+            ai = pyfai_glue.pyfai_integrator(det[0], beam)  # fresh integrator: first call pays its setup
             times = []
             for i, (d, m) in enumerate(zip(datas, masks)):
                 for _ in range(args.repeats if i else 1):

@@ -4,7 +4,7 @@
   single-panel dxtbx detector and beam (:func:`models_from_integrator`) so
   the pixels' |q|, χ, solid angle and polarization come from the same code
   as for DIALS-imported images. :func:`poni_from_models` / :func:`write_poni`
-  go the other way (dxtbx → pyFAI, through ``azimuthal.pyfai_geometry``).
+  go the other way (dxtbx → pyFAI, through ``pyfai_glue.pyfai_geometry``).
 * Images from EDF (fabio, one or more frames per file), HDF5/NeXus (h5py:
   a 2D image or a 3D stack) or anything else fabio reads (CBF, TIFF...),
   one file at a time (no grouping into sequences): :class:`SaxsFile`.
@@ -100,11 +100,11 @@ def models_from_integrator(ai, shape=None, polarization_fraction=0.99, trusted_r
 
 def poni_from_models(detector, beam) -> dict:
     """pyFAI geometry (metres, radians) of a single-panel dxtbx detector."""
-    from diffuse_cli import azimuthal as az
+    from diffuse_cli import pyfai_glue
 
     if len(detector) != 1:
         raise ValueError(f"a .poni holds one flat panel; the detector has {len(detector)}")
-    return az.pyfai_geometry(detector[0], beam)
+    return pyfai_glue.pyfai_geometry(detector[0], beam)
 
 
 def write_poni(path, detector, beam) -> None:

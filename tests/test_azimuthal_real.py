@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffuse_cli import azimuthal as az
+from diffuse_cli import pyfai_glue
 
 pytestmark = pytest.mark.real_data
 
@@ -23,7 +24,7 @@ def thaumatin(real_images):
     path = real_images("thaumatin_grid_stills", 1)[0]
     expt = _experiment(path)
     # pyFAI does not model parallax: compare with the parallax-free geometry
-    det = az.without_parallax(expt.detector)
+    det = pyfai_glue.without_parallax(expt.detector)
     pixels = az.DetectorPixels.from_models(det, expt.beam)
     raw = expt.imageset.get_raw_data(0)
     return expt, det, pixels, raw
@@ -31,12 +32,12 @@ def thaumatin(real_images):
 
 def test_pyfai_conversion_of_untilted_panel(thaumatin):
     expt, det, pixels, raw = thaumatin
-    p = az.pyfai_geometry(det[0], expt.beam)
+    p = pyfai_glue.pyfai_geometry(det[0], expt.beam)
     assert p["rot1"] == p["rot2"] == p["rot3"] == 0.0
     assert p["dist"] == pytest.approx(det[0].get_distance() * 1e-3)
     fast0, slow0 = det[0].get_normal_origin()
     assert (p["poni1"], p["poni2"]) == pytest.approx((slow0 * 1e-3, fast0 * 1e-3))
-    ai = az.pyfai_integrator(det[0], expt.beam)
+    ai = pyfai_glue.pyfai_integrator(det[0], expt.beam)
     q_pyfai = ai.qArray().ravel() / 10.0  # nm⁻¹ -> Å⁻¹, both 4π sinθ/λ
     rel = np.abs(q_pyfai / pixels.q - 1)
     assert np.median(rel) < 1e-7 and np.percentile(rel, 99.9) < 2e-6
@@ -56,7 +57,7 @@ def test_radial_profile_matches_pyfai_integrate1d(thaumatin):
     data = az.flatten_panels(raw).reshape(pixels.panel_shapes[0])
     lo, hi = det[0].get_trusted_range()
     pyfai_mask = ~((data > lo) & (data < hi))  # pyFAI: nonzero = masked
-    ai = az.pyfai_integrator(det[0], expt.beam)
+    ai = pyfai_glue.pyfai_integrator(det[0], expt.beam)
     res = ai.integrate1d(
         data.astype(np.float32),
         500,
@@ -80,7 +81,7 @@ def test_radial_profile_matches_pyfai_integrate1d(thaumatin):
 def cspad(real_images):
     path = real_images("thermolysin_cspad_stills", 1)[0]
     expt = _experiment(path)
-    det = az.without_parallax(expt.detector)
+    det = pyfai_glue.without_parallax(expt.detector)
     return expt, det, az.DetectorPixels.from_models(det, expt.beam), expt.imageset.get_raw_data(0)
 
 
@@ -118,7 +119,7 @@ def test_multipanel_profile_is_continuous_across_panel_gaps(cspad):
     norm = np.zeros(binning.n_bins)
     offset = 0
     for i, panel in enumerate(det):
-        ai = az.pyfai_integrator(panel, expt.beam)
+        ai = pyfai_glue.pyfai_integrator(panel, expt.beam)
         d = raw[i].as_numpy_array().astype(np.float32)
         q_pyfai = ai.qArray().ravel() / 10.0
         assert np.max(np.abs(q_pyfai / pixels.q[offset : offset + d.size] - 1)) < 1e-6
