@@ -97,18 +97,8 @@ def make_multi_detector(
             fast = R @ np.array([1.0, 0.0, 0.0])
             slow = R @ np.array([0.0, -1.0, 0.0])
             centre = centre + np.array([0.0, 0.0, dz])
-            origin = centre - fast * n_fast * pixel_size / 2 - slow * n_slow * pixel_size / 2
-            p = root.add_panel()
-            p.set_type("SENSOR_PAD")
-            p.set_name(f"panel_{js * n_panels_fast + jf}")
-            p.set_local_frame(tuple(fast), tuple(slow), tuple(origin))
-            p.set_pixel_size((pixel_size, pixel_size))
-            p.set_image_size((n_fast, n_slow))
-            p.set_trusted_range(tuple(trusted_range))
-            if material:
-                p.set_material(material)
-                p.set_thickness(thickness)
-                p.set_mu(sensor_mu(material, wavelength))
+            _add_sensor_panel(root, f"panel_{js * n_panels_fast + jf}", centre, fast, slow, n_fast, n_slow,
+                              pixel_size, trusted_range, material, thickness, wavelength)
     return det
 
 
@@ -146,19 +136,26 @@ def make_cspad_detector(
             fast = R @ np.array([1.0, 0.0, 0.0])
             slow = R @ np.array([0.0, -1.0, 0.0])
             c = Rq @ centre + np.array([0.0, 0.0, dz])
-            origin = c - fast * n_fast * px / 2 - slow * n_slow * px / 2
-            p = root.add_panel()
-            p.set_type("SENSOR_PAD")
-            p.set_name(f"quadrant_{q}_module_{m}")
-            p.set_local_frame(tuple(fast), tuple(slow), tuple(origin))
-            p.set_pixel_size((px, px))
-            p.set_image_size((n_fast, n_slow))
-            p.set_trusted_range(tuple(trusted_range))
-            if material:
-                p.set_material(material)
-                p.set_thickness(thickness)
-                p.set_mu(sensor_mu(material, wavelength))
+            _add_sensor_panel(root, f"quadrant_{q}_module_{m}", c, fast, slow, n_fast, n_slow,
+                              px, trusted_range, material, thickness, wavelength)
     return det
+
+
+def _add_sensor_panel(root, name, centre, fast, slow, n_fast, n_slow, pixel_size, trusted_range,
+                      material, thickness, wavelength):
+    """Add one SENSOR_PAD panel centred at ``centre`` (mm, lab) with unit fast/slow axes."""
+    origin = centre - fast * n_fast * pixel_size / 2 - slow * n_slow * pixel_size / 2
+    p = root.add_panel()
+    p.set_type("SENSOR_PAD")
+    p.set_name(name)
+    p.set_local_frame(tuple(fast), tuple(slow), tuple(origin))
+    p.set_pixel_size((pixel_size, pixel_size))
+    p.set_image_size((n_fast, n_slow))
+    p.set_trusted_range(tuple(trusted_range))
+    if material:
+        p.set_material(material)
+        p.set_thickness(thickness)
+        p.set_mu(sensor_mu(material, wavelength))
 
 
 def detector_description(detector, beam) -> dict:
