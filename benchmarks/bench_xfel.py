@@ -260,8 +260,8 @@ def six_m_child(work: pathlib.Path, n_shots: int) -> None:
     bz2_of = [len(bz2.compress(p.read_bytes(), 9)) for p in images]  # shot i is image i % len(images)
     t_read, t_ex, t_co, sizes = [], [], [], []
     for i, (expt, ref) in enumerate(zip(el, refs)):
-        # the dxtbx image read alone (the first read of this imageset; extract_still's
-        # own read below then comes from dxtbx's cache of the last image)
+        # the image read alone (extraction.raw_counts: diffuse_cli.image_read for multi-panel CBF;
+        # extract_still's own read below then comes from its cache of the last image)
         c0 = time.process_time()
         ex.raw_counts(expt.imageset, ref.image_index)
         t_read.append(time.process_time() - c0)
@@ -377,10 +377,10 @@ def print_report(s: dict, big: dict | None, ambiguity: dict | None) -> None:
         print(f"speed-up at 2 workers, {k}: {v:.2f}x")
     if big:
         print(f"\n6M-pixel still ({big['n_pixels']} px, {big['n_shots']} shots), CPU s per still (median after the first):")
-        print(f"  extract {big['extract_cpu_s_per_still']:.3f} s = dxtbx image read {big['dxtbx_read_cpu_s']:.3f} s "
+        print(f"  extract {big['extract_cpu_s_per_still']:.3f} s = image read {big['dxtbx_read_cpu_s']:.3f} s "
               f"+ the rest {big['extract_without_read_cpu_s']:.3f} s; correct {big['correct_cpu_s_per_still']:.3f} s")
         print(f"  extract + correct {big['extract_plus_correct_cpu_s_per_still']:.3f} s (min "
-              f"{big['extract_plus_correct_cpu_s_min']:.3f} s); without the dxtbx read {big['without_read_cpu_s_per_still']:.3f} s "
+              f"{big['extract_plus_correct_cpu_s_min']:.3f} s); without the read {big['without_read_cpu_s_per_still']:.3f} s "
               f"(min {big['without_read_cpu_s_min']:.3f} s); per 6224001 px: {big['per_6M_still_s']:.3f} s, without the read "
               f"{big['per_6M_still_without_read_s']:.3f} s (target <= 0.12 s)")
         print(f"  disk per still (extract + corrected file) / bzip2 of its image: {big['disk_over_bzip2_image']:.3f} "

@@ -16,6 +16,12 @@ Quirks handled:
   every still ends as "No suitable indexing solution found". ``max_like.py``
   and ``util.py`` are pure Python, so we register the package without running
   its ``__init__``. On a cctbx that has the extension this does nothing.
+* **Unused heavy imports.** ``dxtbx.model.detector_helpers`` imports
+  ``sklearn.cluster`` (for one multi-panel 2D projection of the image
+  viewers) and ``dials.array_family.flex_ext`` imports ``pandas`` (for one
+  reflection-table method): 1 s of every start. :func:`defer_imports` puts
+  stand-ins in ``sys.modules`` that import the real module at its first
+  attribute access, so nothing changes but the time.
 """
 
 from __future__ import annotations
@@ -35,6 +41,67 @@ def prepare_environment() -> None:
         if sys.prefix != sys.base_prefix:
             os.environ["LIBTBX_BUILD"] = _DEBIAN_LIBTBX_BUILD
     install_mono_simulation_shim()
+
+
+class _Deferred(types.ModuleType):
+    """Stands in for a module not imported yet: any attribute imports the real one, except
+    ``__file__`` and ``__cached__`` (``inspect.getmodule``, run by libtbx at import, probes
+    every module in ``sys.modules`` for them)."""
+
+    def __getattr__(self, attr):
+        if attr in ("__file__", "__cached__"):
+            raise AttributeError(attr)
+        return getattr(_import_deferred(self.__name__), attr)
+
+
+def _import_deferred(name: str):
+    import importlib
+
+    root = name.partition(".")[0]
+    for n in [n for n, m in list(sys.modules.items()) if isinstance(m, _Deferred) and n.partition(".")[0] == root]:
+        del sys.modules[n]
+    return importlib.import_module(name)
+
+
+#: modules DIALS imports at start-up but needs only in functions diffuse never calls
+DEFERRED_IMPORTS = ("sklearn.cluster", "pandas")
+
+
+def defer_imports(names=DEFERRED_IMPORTS) -> list[str]:
+    """Install :class:`_Deferred` stand-ins for ``names`` (and their parent packages) that are
+    installed but not imported yet; returns the names deferred."""
+    import importlib.machinery
+
+    done = []
+    for name in names:
+        root = name.partition(".")[0]
+        if root in sys.modules:
+            continue
+        # each stand-in carries the real module's spec (importlib.util.find_spec returns it;
+        # found on the file system, nothing imported)
+        specs, spec, path = [], importlib.util.find_spec(root), root
+        for part in name.split(".")[1:]:
+            if spec is None or not spec.submodule_search_locations:
+                spec = None
+                break
+            specs.append(spec)
+            path = f"{path}.{part}"
+            spec = importlib.machinery.PathFinder.find_spec(path, list(spec.submodule_search_locations))
+        if spec is None:
+            continue
+        specs.append(spec)
+        parent, path = None, ""
+        for part, spec in zip(name.split("."), specs):
+            path = f"{path}.{part}" if path else part
+            module = sys.modules.get(path)
+            if module is None:
+                module = sys.modules[path] = _Deferred(path)
+                module.__spec__ = spec
+            if parent is not None:
+                setattr(parent, part, module)
+            parent = module
+        done.append(name)
+    return done
 
 
 def has_mono_sim_extension() -> bool:
@@ -98,7 +165,16 @@ def exposure_time(imageset, index: int = 0) -> float:
 
     Raises ValueError if none of them gives a positive value.
     """
+    from diffuse_cli import image_read
+
     path = imageset.get_path(index)
+    # multi-panel CBF stills: the same header item, without dxtbx's format instance
+    # (its detector model costs 0.25 s per CSPAD file)
+    value = image_read.still_integration_time(imageset, index)
+    if value is not None:
+        if value > 0:
+            return value
+        raise ValueError(f"no exposure time for {path}")
     fmt = None
     try:
         fmt = imageset.get_format_class().get_instance(path)

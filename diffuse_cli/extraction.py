@@ -32,7 +32,7 @@ import numpy as np
 import diffuse_cli  # noqa: F401  (DIALS environment)
 from libtbx.utils import Sorry
 
-from diffuse_cli import dials_compat, program, provenance
+from diffuse_cli import dials_compat, image_read, program, provenance
 from diffuse_cli.formats import summaries
 from diffuse_cli.formats.common import CORRUPT
 from diffuse_cli.formats.extract import (  # noqa: F401  (re-exported: the readers' old home)
@@ -149,11 +149,14 @@ class GeometryCache:
     directory: where ``geometry_<key>.npz`` files are read from / written to
     (None: memory only). ``get`` returns a view bound to the given beam, so
     shots of one detector with different wavelengths share one entry.
+    read_also: other folders whose geometry files are taken (and copied into
+    ``directory``) before computing one, e.g. diffuse.bragg_mask's output.
     """
 
-    def __init__(self, directory=None, max_entries: int = GEOMETRY_CACHE_ENTRIES):
+    def __init__(self, directory=None, max_entries: int = GEOMETRY_CACHE_ENTRIES, read_also=()):
         self.directory = directory
         self.max_entries = int(max_entries)
+        self.read_also = [d for d in read_also if d]
         self._by_key: OrderedDict[str, DetectorGeometry] = OrderedDict()
 
     def _remember(self, key: str, geometry: DetectorGeometry) -> DetectorGeometry:
@@ -171,6 +174,15 @@ class GeometryCache:
         path = geometry_path(self.directory, key) if self.directory else None
         if path and os.path.exists(path):
             return self._remember(key, read_geometry(path))
+        for other in self.read_also:
+            there = geometry_path(other, key)
+            if os.path.exists(there) and os.path.abspath(there) != os.path.abspath(path or ""):
+                geometry = read_geometry(there)
+                if geometry.key != key:
+                    continue
+                if path:
+                    write_geometry(path, geometry)
+                return self._remember(key, geometry)
         return None
 
     def get(self, detector, beam) -> DetectorGeometry:
@@ -270,12 +282,12 @@ def _ref(i, iset, image_index, frame) -> StillRef:
 
 
 def raw_counts(imageset, image_index: int) -> np.ndarray:
-    """Raw pixel values of one image, flat in pixel order (int32 or float64)."""
-    data = program.read_raw_data(imageset, image_index)
-    if not isinstance(data, tuple):
-        data = (data,)
-    arrays = [d.as_numpy_array().ravel() for d in data]
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    """Raw pixel values of one image, flat in pixel order (int32 or float64);
+    dxtbx's values, multi-panel CBF read fast (image_read.raw_panels)."""
+    arrays = [a.ravel() for a in image_read.raw_panels(imageset, image_index)]
+    if len(arrays) == 1:  # the fast reader's arrays are read-only (its cache of the last image)
+        return arrays[0] if arrays[0].flags.writeable else arrays[0].copy()
+    return np.concatenate(arrays)
 
 
 def trusted_mask(detector, counts: np.ndarray, geometry: DetectorGeometry) -> np.ndarray:
@@ -512,7 +524,9 @@ def run_extract(experiments, params) -> list[dict]:
     os.makedirs(params.output.directory, exist_ok=True)
     provenance.remove_temporaries(params.output.directory)
     masks = MaskSource(params.masks.summary, params.masks.static)
-    cache = GeometryCache(params.output.directory)
+    # diffuse.bragg_mask leaves the geometry next to its summary: not computed twice
+    cache = GeometryCache(params.output.directory, read_also=[
+        os.path.dirname(os.path.abspath(params.masks.summary)) if params.masks.summary else None])
     refs = image_refs(experiments)
     # geometry once per detector + beam, before forking (workers share it)
     for expt in experiments:
