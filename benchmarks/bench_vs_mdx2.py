@@ -52,6 +52,14 @@ Usage::
   .venv/bin/python benchmarks/bench_vs_mdx2.py --json           # one JSON document only
   .venv/bin/python benchmarks/bench_vs_mdx2.py --profile        # + cProfile of our non-merge steps
   .venv/bin/python benchmarks/bench_vs_mdx2.py --only ours      # or: mdx2, compare (no timing)
+  .venv/bin/python benchmarks/bench_vs_mdx2.py --no-shoeboxes --no-plots   # like for like (below)
+
+Like for like: ``--no-shoeboxes`` processes the sweep (once, folder
+``processed_no_shoeboxes``) with ``output.integrated_shoeboxes=False``: the
+predicted Bragg masks read no shoeboxes (same .expt, same masks), and reading
+the 346 MB .refl that keeps them is ~1.5 s of diffuse.bragg_mask.
+``--no-plots`` runs diffuse.merge with ``output.plots=False``: mdx2 draws no
+pictures, and the map comparison reads merged.npz only.
 
 Targets (issue 12): ours (bragg_mask + extract + correct + merge) <= 1/3 of
 mdx2's chain, anisotropic map CC >= 0.9.
@@ -171,13 +179,14 @@ def prepare_images(data: pathlib.Path, work: pathlib.Path) -> list[pathlib.Path]
 
 def prepare_sweep(args, images) -> dict:
     """diffuse.stills_process of the sweep, once (reused while combined.expt/.refl exist)."""
-    processed = args.work / "processed"
+    processed = args.work / ("processed" if args.shoeboxes else "processed_no_shoeboxes")
     expt, refl = processed / "combined.expt", processed / "combined.refl"
     if expt.exists() and refl.exists():
         say(args, f"reusing DIALS processing in {processed}")
         return {"expt": expt, "refl": refl, "reused": True}
     say(args, f"DIALS processing of {len(images)} frames -> {processed} (once)")
-    t = timed([OUR_BIN / "diffuse.stills_process", *images, *SWEEP_ARGS, f"output.directory={processed}",
+    extra = [] if args.shoeboxes else ["output.integrated_shoeboxes=False"]
+    t = timed([OUR_BIN / "diffuse.stills_process", *images, *SWEEP_ARGS, *extra, f"output.directory={processed}",
                "nproc=1", f"output.log={args.work / 'stills_process.log'}"], args.work,
               args.work / "stills_process.out")
     return {"expt": expt, "refl": refl, "reused": False, **t}
@@ -249,7 +258,7 @@ def run_ours(args, sweep, space_group) -> dict:
                     f"output.directory={root / 'extracted'}"],
         "correct": [expt, root / "extracted", f"output.directory={root / 'corrected'}"],
         "merge": [expt, root / "corrected", f"ndiv={NDIV}", f"space_group={space_group}",
-                  f"output.directory={root / 'merged'}"],
+                  f"output.directory={root / 'merged'}", *([] if args.plots else ["output.plots=False"])],
     }
     outputs = {"bragg_mask": "masks", "extract": "extracted", "correct": "corrected", "merge": "merged"}
     times = {}
@@ -458,7 +467,9 @@ def total(times: dict, key: str) -> float:
 
 def print_table(result: dict) -> None:
     ours, theirs = result.get("ours"), result.get("mdx2")
-    print(f"\nnuclease sweep: {result['n_frames']} frames of 1024x1024, one core (nproc=1)")
+    print(f"\nnuclease sweep: {result['n_frames']} frames of 1024x1024, one core (nproc=1)"
+          + ("" if result.get("shoeboxes_in_refl", True) else "; .refl without shoeboxes")
+          + ("" if result.get("merge_plots", True) else "; merge output.plots=False"))
     if result.get("workarounds"):
         print("mdx2 workarounds: " + "; ".join(result["workarounds"]))
     startup = result.get("startup", {})
@@ -515,6 +526,12 @@ def main(argv=None) -> dict:
                     help="mdx2.find_peaks count threshold (ADU; these frames: median 666, 99.9th percentile ~5300)")
     ap.add_argument("--shells", type=int, default=30, help="|q| shells for the isotropic part")
     ap.add_argument("--profile", action="store_true", help="also cProfile bragg_mask, extract and correct")
+    ap.add_argument("--no-shoeboxes", dest="shoeboxes", action="store_false",
+                    help="process the sweep with output.integrated_shoeboxes=False (folder processed_no_shoeboxes): "
+                         "bragg_mask's predicted masks do not read shoeboxes, and the .refl keeping them "
+                         "(346 MB here) costs bragg_mask ~1.5 s CPU and 1.4 GB to read")
+    ap.add_argument("--no-plots", dest="plots", action="store_false",
+                    help="diffuse.merge output.plots=False (mdx2 draws no pictures; ours cost ~3 s CPU here)")
     ap.add_argument("--startup", action="store_true",
                     help="also time each step's start-up floor (a process importing its module only)")
     ap.add_argument("--top", type=int, default=15, help="functions per profile")
@@ -530,6 +547,7 @@ def main(argv=None) -> dict:
     sweep = prepare_sweep(args, images)
     inputs = mdx2_inputs(args, sweep["expt"])
     result = {"n_frames": len(images), "ndiv": NDIV, "space_group": inputs["space_group"],
+              "shoeboxes_in_refl": args.shoeboxes, "merge_plots": args.plots,
               "mdx2_version": MDX2_VERSION, "workarounds": inputs["workarounds"],
               "dials_processing": {k: v for k, v in sweep.items() if k not in ("expt", "refl")},
               "mdx2_count_threshold": args.count_threshold}

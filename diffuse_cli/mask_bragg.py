@@ -423,7 +423,9 @@ def _miller(h: np.ndarray):
     """(N, 3) integer-valued array -> flex.miller_index."""
     from cctbx.array_family import flex as cflex
 
-    return cflex.miller_index(np.ascontiguousarray(h, dtype=np.int32).reshape(-1, 3))
+    h = np.asarray(h).reshape(-1, 3)
+    # from three int columns: the (N, 3) array converts element by element (~60x slower)
+    return cflex.miller_index(*(cflex.int(np.ascontiguousarray(h[:, i], dtype=np.int32)) for i in range(3)))
 
 
 def _absent(hkl: np.ndarray, space_group) -> np.ndarray:

@@ -16,7 +16,7 @@ from scitbx.array_family import flex
 
 from diffuse_cli import provenance
 from diffuse_cli.extraction import raw_counts, trusted_mask
-from diffuse_cli.formats.masks import MASK_BITS_SCHEMA, read_mask_any, to_dials, write_mask_bits
+from diffuse_cli.formats.masks import MASK_BITS_SCHEMA, read_mask_any, write_dials_mask, write_mask_bits
 from diffuse_cli.mask_bragg import (_hkl_key, estimate_bragg_shape, has_intensities, pixel_scale,
                                     predicted_bragg_mask, sample_size)
 from diffuse_cli.mask_pixels import dynamic_mask, static_mask, strong_pixel_mask
@@ -29,6 +29,28 @@ logger = logging.getLogger("diffuse.masking")
 
 # State shared with forked worker processes (set before the pool starts).
 _STATE: dict = {}
+
+# Frames the dynamic mask and the spot/peak model read, kept (read-only) for the
+# per-image masks so each frame is read from disk once: {(path, file index): counts}
+_FRAMES: dict = {}
+FRAME_CACHE_BYTES = 256 * 2**20
+
+
+def _frame_counts(imageset, image_index: int, keep: bool = True) -> np.ndarray:
+    """raw_counts of one image, read once per run: kept while the kept frames fit
+    FRAME_CACHE_BYTES (keep=True); keep=False hands a kept frame over (last use)."""
+    try:
+        file_index = int(imageset.indices()[image_index])
+    except (AttributeError, IndexError):
+        file_index = image_index
+    key = (imageset.get_path(image_index), file_index)
+    counts = _FRAMES.get(key) if keep else _FRAMES.pop(key, None)
+    if counts is None:
+        counts = raw_counts(imageset, image_index)
+        if keep and counts.nbytes + sum(c.nbytes for c in _FRAMES.values()) <= FRAME_CACHE_BYTES:
+            counts.flags.writeable = False  # shared by later readers
+            _FRAMES[key] = counts
+    return counts
 
 
 def _image_groups(experiments):
@@ -199,8 +221,6 @@ def _mask_one(job):
 def _mask_one_entry(name, refs):
     import os
 
-    from diffuse_cli import program
-
     st = _STATE
     params, geometry_by_key = st["params"], st["geometry"]
     experiments = st["experiments"]
@@ -234,7 +254,7 @@ def _mask_one_entry(name, refs):
         entry["skipped"] = True
         bragg = None
     else:
-        counts = raw_counts(expt.imageset, refs[0].image_index)
+        counts = _frame_counts(expt.imageset, refs[0].image_index, keep=False)
         valid = static & trusted_mask(expt.detector, counts, geometry)
         sp = params.strong_pixels
         # spots-model frames: strong spots grown by their own peak (spot_bragg_mask), not dilated
@@ -259,7 +279,7 @@ def _mask_one_entry(name, refs):
             entry["strong_only_fraction"] = float((strong & ~bragg).sum() / max(valid.sum(), 1))
             bragg |= strong
         total = valid & ~bragg
-        program.write_pickle(path, to_dials(total, geometry))
+        write_dials_mask(path, total, geometry)
         write_mask_bits(bits_path, total, **provenance.npz_fields(pkey, parts))
         entry["bragg_shape"] = shapes
         entry["bragg_fraction"] = float((bragg & valid).sum() / max(valid.sum(), 1))
@@ -296,7 +316,7 @@ def fit_peak_models(groups, experiments, geometry_by_key, static_by_key, params)
         observations = []
         for i in pick:
             ref = refs[i]
-            counts = raw_counts(expt.imageset, ref.image_index)
+            counts = _frame_counts(expt.imageset, ref.image_index)
             valid = static_by_key[key] & trusted_mask(expt.detector, counts, geometry)
             strong = strong_pixel_mask(
                 counts, valid, geometry, n_sigma_b=sp.n_sigma_b, n_sigma_s=sp.n_sigma_s,
@@ -361,7 +381,7 @@ def fit_spot_models(groups, experiments, geometry_by_key, static_by_key, params,
         moments = []
         for i in pick:
             ref = refs[i]
-            counts = raw_counts(expt.imageset, ref.image_index)
+            counts = _frame_counts(expt.imageset, ref.image_index)
             valid = static_by_key[key] & trusted_mask(expt.detector, counts, geometry)
             moments.append(spot_profile_moments(geometry, expt, ref.frame, counts, valid, s1, z))
         moments = np.concatenate(moments) if moments else np.zeros(0)
@@ -414,9 +434,10 @@ def run_bragg_mask(experiments, reflections, params, reflection_file: str = "ref
     nproc = program.resolve_nproc(params.nproc)
     os.makedirs(params.output.directory, exist_ok=True)
     provenance.remove_temporaries(params.output.directory)
+    _FRAMES.clear()
     if reflections is not None:
         reflections = reflections_by_experiment(reflections, experiments, reflection_file)
-    cache = GeometryCache(None)
+    cache = GeometryCache(params.output.directory)  # geometry_<key>.npz, which diffuse.extract reuses
     groups = _image_groups(experiments)
     group_keys = [
         geometry_key(experiments[refs[0].experiment_index].detector, experiments[refs[0].experiment_index].beam)
@@ -444,7 +465,7 @@ def run_bragg_mask(experiments, reflections, params, reflection_file: str = "ref
             pick = np.unique(np.linspace(0, len(same) - 1, min(params.dynamic.n_images, len(same))).round().astype(int))
             def images():
                 return (
-                    raw_counts(experiments[same[i][1][0].experiment_index].imageset, same[i][1][0].image_index)
+                    _frame_counts(experiments[same[i][1][0].experiment_index].imageset, same[i][1][0].image_index)
                     for i in pick
                 )
             dyn, stats = dynamic_mask(
@@ -464,7 +485,7 @@ def run_bragg_mask(experiments, reflections, params, reflection_file: str = "ref
         if static_files:
             stem, ext = os.path.splitext(fname)
             fname = f"{stem}_{key}{ext}"
-        program.write_pickle(fname, to_dials(static, geometry))
+        write_dials_mask(fname, static, geometry)
         static_files[key] = os.path.relpath(fname, params.output.directory)
         logger.info("Wrote static mask %s", fname)
 
@@ -505,7 +526,7 @@ def run_bragg_mask(experiments, reflections, params, reflection_file: str = "ref
         static_fingerprint={k: provenance.array_fingerprint(v) for k, v in static_by_key.items()},
         experiment_fingerprint=[provenance.experiment_fingerprint(e) for e in experiments],
         reflection_fingerprint={} if reflections is None else {
-            i: _reflection_fingerprint(t) for i, t in reflections.items()
+            i: _reflection_fingerprint(t, shoeboxes=params.method == "shoebox") for i, t in reflections.items()
         },
         params_fingerprint=provenance.phil_values(params, ("method", "predicted", "shoebox", "strong_pixels")),
     )
@@ -513,6 +534,7 @@ def run_bragg_mask(experiments, reflections, params, reflection_file: str = "ref
         entries = program.parallel_map(_mask_one, groups, nproc, desc="bragg_mask")
     finally:
         _STATE.clear()
+        _FRAMES.clear()
     _stale_masks(params.output.directory, [e["mask_bits"] for e in entries], params.output.stale)
     failed = [e for e in entries if e.get("status") == "failed"]
 
@@ -567,14 +589,17 @@ def _static_from_first_readable(same, experiments, params, geometry) -> np.ndarr
     raise first
 
 
-def _reflection_fingerprint(table) -> str:
-    """Fingerprint of the reflection columns a Bragg mask uses (one experiment's rows)."""
+def _reflection_fingerprint(table, shoeboxes: bool = True) -> str:
+    """Fingerprint of the reflection columns a Bragg mask uses (one experiment's rows).
+
+    shoeboxes: include the shoebox masks (only method=shoebox reads them, and
+    hashing them is most of the cost for a table that keeps them)."""
     cols = []
     for name in ("miller_index", "panel", "xyzobs.px.value", "bbox", "intensity.sum.value", "intensity.sum.variance", "flags"):
         if name in table:
             col = table[name]
             cols.append(np.array(col.as_numpy_array() if hasattr(col, "as_numpy_array") else list(col)))
-    if "shoebox" in table and len(table):
+    if shoeboxes and "shoebox" in table and len(table):
         # shoebox masks: the foreground/strong codes change with integration
         cols.append(np.concatenate([sb.mask.as_numpy_array().ravel() for sb in table["shoebox"]]))
     return provenance.array_fingerprint(*cols) if cols else "empty"

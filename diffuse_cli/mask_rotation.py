@@ -133,14 +133,28 @@ class PeakModel:
         }
 
 
+def filled_panels(counts: np.ndarray, valid: np.ndarray, geometry: DetectorGeometry) -> list[np.ndarray]:
+    """Per panel, the counts as a float32 (n_slow, n_fast) image, invalid pixels set to the panel's median."""
+    off = geometry.panel_offsets
+    images = []
+    for i, shape in enumerate(geometry.panel_shapes):
+        sl = slice(off[i], off[i + 1])
+        c = counts[sl].astype(np.float32)
+        ok = valid[sl]
+        c[~ok] = np.median(c[ok]) if ok.any() else 0.0
+        images.append(c.reshape(tuple(int(v) for v in shape)))
+    return images
+
+
 def local_background(counts: np.ndarray, valid: np.ndarray, geometry: DetectorGeometry, size: int,
-                     at: np.ndarray | None = None) -> np.ndarray:
+                     at: np.ndarray | None = None, filled: list[np.ndarray] | None = None) -> np.ndarray:
     """Diffuse background per pixel (counts, flat): median over a ``size``² square, per panel.
 
     Invalid pixels take the panel median first. A spot covering fewer than
     half the square does not move the median. at: flat pixel indices; when
     given, the median is taken at those pixels only (the same values, for a
     few strong pixels at a fraction of the cost of the whole-frame filter).
+    filled: :func:`filled_panels` of these counts, when the caller has them.
     """
     from scipy.ndimage import median_filter
 
@@ -150,12 +164,10 @@ def local_background(counts: np.ndarray, valid: np.ndarray, geometry: DetectorGe
         out = np.empty(len(at), dtype=np.float32)
     else:
         out = np.empty(counts.shape, dtype=np.float32)
-    for i, shape in enumerate(geometry.panel_shapes):
+    if filled is None:
+        filled = filled_panels(counts, valid, geometry)
+    for i, image in enumerate(filled):
         sl = slice(off[i], off[i + 1])
-        c = counts[sl].astype(np.float32)
-        ok = valid[sl]
-        c[~ok] = np.median(c[ok]) if ok.any() else 0.0
-        image = c.reshape(tuple(int(v) for v in shape))
         if at is None:
             out[sl] = median_filter(image, size=size, mode="nearest").ravel()
             continue

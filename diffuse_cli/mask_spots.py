@@ -18,7 +18,18 @@ from libtbx.utils import Sorry
 
 from diffuse_cli.extraction import DetectorGeometry
 from diffuse_cli.mask_bragg import _absent, _hkl_key, _profile_sigma_m
-from diffuse_cli.mask_rotation import local_background
+from diffuse_cli.mask_rotation import filled_panels, local_background
+
+# |s1 − s0|² (Å⁻², float64) of every pixel of the last geometry seen: [geometry, s0 bytes, values]
+_Q2: list = [None, None, None]
+
+
+def _pixel_q2(geometry: DetectorGeometry) -> np.ndarray:
+    """|q|² = |s1 − s0|² of every pixel (Å⁻², float64), computed once per geometry view."""
+    s0 = np.asarray(geometry.s0, dtype=np.float64)
+    if _Q2[0] is not geometry or _Q2[1] != s0.tobytes():
+        _Q2[:] = [geometry, s0.tobytes(), np.sum((geometry.s1.astype(np.float64) - s0) ** 2, axis=1)]
+    return _Q2[2]
 
 
 @dataclass
@@ -214,7 +225,7 @@ def spot_bragg_mask(geometry: DetectorGeometry, experiment, array_index: int, mo
     usable = np.flatnonzero(valid)
     if not usable.size:
         return out, {"n_spots": 0}
-    q_max = float(np.sqrt(np.max(np.sum((geometry.s1[usable].astype(np.float64) - s0) ** 2, axis=1))))
+    q_max = float(np.sqrt(np.max(_pixel_q2(geometry)[usable])))
     if d_min:
         q_max = min(q_max, 1.0 / d_min)
     # every lattice point within q_max: |h_i| ≤ q_max·|a_i| (real-space axis lengths)
@@ -257,13 +268,15 @@ def spot_bragg_mask(geometry: DetectorGeometry, experiment, array_index: int, mo
     # b >= 1, so a spot below f count at its peak is never masked: no background needed
     some = peak > model.background_fraction
     u1, ix, iy, panel, centre, sigma_px, peak = (v[some] for v in (u1, ix, iy, panel, centre, sigma_px, peak))
-    b = _spot_background(counts, valid, geometry, model.background_size, centre)
+    filled = filled_panels(counts, valid, geometry)
+    b = _spot_background(counts, valid, geometry, model.background_size, centre, filled=filled,
+                         peak=peak, fraction=model.background_fraction)
     n_predicted = len(peak)
     if strong is not None:
         # the spots the frame shows (indexed or not, however long they rock): each strong group
         # at its highest pixel, with its observed excess as the peak
         top = _strong_peaks(strong & valid, counts, geometry)
-        bt = _spot_background(counts, valid, geometry, model.background_size, top)
+        bt = _spot_background(counts, valid, geometry, model.background_size, top, filled=filled)
         p_id = np.searchsorted(off, top, side="right") - 1
         ty, tx = np.divmod(top - off[p_id], shapes[p_id, 1])
         nxt_t = off[p_id] + ty * shapes[p_id, 1] + np.where(tx + 1 < shapes[p_id, 1], tx + 1, tx - 1)
@@ -286,12 +299,43 @@ def spot_bragg_mask(geometry: DetectorGeometry, experiment, array_index: int, mo
     return out, {"n_predicted": int(lit[:n_predicted].sum()), "n_strong": int(lit[n_predicted:].sum())}
 
 
-def _spot_background(counts, valid, geometry, size: int, at: np.ndarray) -> np.ndarray:
+def _spot_background(counts, valid, geometry, size: int, at: np.ndarray, filled=None, peak=None,
+                     fraction: float | None = None) -> np.ndarray:
     """Diffuse background under spots (counts, at least 1): the lower of the :func:`local_background`
-    medians over size² and (3·size)² squares, so a large bright spot does not raise its own."""
-    small = local_background(counts, valid, geometry, size, at=at)
-    large = local_background(counts, valid, geometry, 3 * size, at=at)
-    return np.maximum(np.minimum(small, large), 1.0).astype(np.float64)
+    medians over size² and (3·size)² squares, so a large bright spot does not raise its own.
+
+    filled: :func:`filled_panels` of the counts. peak, fraction: a spot whose peak
+    (counts) cannot exceed fraction·b gets b = inf without its medians (it is
+    not masked either way): peak ≤ fraction·max(L, 1), L the minimum of the
+    (3·size)² square, which no median of either square is below.
+    """
+    if filled is None:
+        filled = filled_panels(counts, valid, geometry)
+    at = np.asarray(at, dtype=np.int64)
+    out = np.full(len(at), np.inf)
+    todo = slice(None)
+    if peak is not None and len(at):
+        lower = np.maximum(_window_minimum(filled, geometry, 3 * size, at), 1.0)
+        todo = np.flatnonzero(peak > fraction * lower)
+    small = local_background(counts, valid, geometry, size, at=at[todo], filled=filled)
+    large = local_background(counts, valid, geometry, 3 * size, at=at[todo], filled=filled)
+    out[todo] = np.maximum(np.minimum(small, large), 1.0)
+    return out
+
+
+def _window_minimum(filled, geometry, size: int, at: np.ndarray) -> np.ndarray:
+    """Minimum of each filled panel over an odd square of at least ``size`` covering
+    :func:`local_background`'s ``size``² window at the flat pixels ``at`` (edges as "nearest")."""
+    from scipy.ndimage import minimum_filter
+
+    off = geometry.panel_offsets
+    odd = size | 1  # an even window (offsets −size/2 .. size/2 − 1) lies inside the next odd one
+    out = np.empty(len(at), dtype=np.float32)
+    for i, image in enumerate(filled):
+        mine = np.flatnonzero((at >= off[i]) & (at < off[i + 1]))
+        if len(mine):
+            out[mine] = minimum_filter(image, size=odd, mode="nearest").ravel()[at[mine] - off[i]]
+    return out
 
 
 def _strong_peaks(strong: np.ndarray, counts: np.ndarray, geometry: DetectorGeometry) -> np.ndarray:
@@ -304,9 +348,17 @@ def _strong_peaks(strong: np.ndarray, counts: np.ndarray, geometry: DetectorGeom
         sl = slice(off[i], off[i + 1])
         labels, n = ndimage.label(strong[sl].reshape(tuple(int(v) for v in shape)), structure=np.ones((3, 3)))
         if n:
-            image = counts[sl].reshape(labels.shape).astype(np.float64)
-            at = ndimage.maximum_position(image, labels, index=np.arange(1, n + 1))
-            tops.append(off[i] + np.ravel_multi_index(np.array(at).T, labels.shape))
+            # ndimage.maximum_position(image as float64, labels, arange(1, n + 1)) without its
+            # copies: the same argsort of the whole image, so ties resolve to the same pixel
+            # (integer counts sorted as they are: numpy's introsort makes the same permutation
+            # as for their float64 copy, in half the time; tests/test_masking.py checks it)
+            image = counts[sl]
+            if image.dtype.kind not in "iu":
+                image = image.astype(np.float64)
+            order = image.argsort()
+            top = np.zeros(n + 2, dtype=np.int64)
+            top[labels.ravel()[order]] = order
+            tops.append(off[i] + top[1 : n + 1])
     return np.concatenate(tops).astype(np.int64) if tops else np.zeros(0, dtype=np.int64)
 
 

@@ -398,6 +398,22 @@ def test_geometry_cache_file(tmp_path):
     assert ex.geometry_key(det, BeamFactory.simple_directional((0, 0.01, 1), 1.0)) != g.key
 
 
+def test_geometry_taken_from_the_bragg_mask_folder(tmp_path, monkeypatch):
+    """A geometry file in a read_also folder (diffuse.bragg_mask's) is copied, not computed again."""
+    det, beam = _simple_detector(), _beam()
+    computed = ex.GeometryCache(tmp_path / "masks").get(det, beam)
+
+    def no_compute(*args):
+        raise AssertionError("geometry computed again")
+
+    monkeypatch.setattr(ex, "compute_geometry", no_compute)
+    cache = ex.GeometryCache(tmp_path / "extracted", read_also=[tmp_path / "masks", None])
+    (tmp_path / "extracted").mkdir()
+    g = cache.get(det, beam)
+    np.testing.assert_array_equal(g.s1_unit, computed.s1_unit)
+    np.testing.assert_array_equal(ex.GeometryCache(tmp_path / "extracted").by_key(g.key).s1_unit, computed.s1_unit)
+
+
 # ---------------------------------------------------------------- program conventions
 
 

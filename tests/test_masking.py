@@ -443,3 +443,117 @@ def test_spot_mask_grows_a_strong_spot_to_where_it_falls_to_f_of_the_background(
     radius = sigma_px * np.sqrt(2 * np.log(P / (f * b)))
     d = np.hypot(xx - centre[1], yy - centre[0]).ravel()
     assert mask[d <= radius - 0.3].all() and not mask[d >= radius + 0.3].any()
+
+
+def _two_panel_geometry():
+    from diffuse_cli.formats.geometry import DetectorGeometry
+
+    shapes = np.array([[37, 50], [20, 31]], dtype=np.int32)
+    n = int((shapes[:, 0] * shapes[:, 1]).sum())
+    return DetectorGeometry(key="k", panel_shapes=shapes, s1_unit=np.zeros((n, 3), np.float32),
+                            s0=np.array([0.0, 0.0, -1.0]), wavelength=1.0)
+
+
+def test_mask_file_is_flex_pickle_byte_for_byte(tmp_path):
+    """formats.masks.write_dials_mask writes the bytes of pickling to_dials() with flex's own pickler."""
+    from diffuse_cli.formats import masks
+    from diffuse_cli.formats.masks import read_mask, to_dials
+
+    geometry = _two_panel_geometry()
+    flat = np.random.default_rng(2).random(geometry.n_pixels) < 0.8
+    masks.write_dials_mask(tmp_path / "m.mask", flat, geometry)
+    assert masks._FAST_MASK_PICKLE == [True]  # the numpy path, not the fallback
+    expected = pickle.dumps(to_dials(flat, geometry), protocol=pickle.HIGHEST_PROTOCOL)
+    assert (tmp_path / "m.mask").read_bytes() == expected
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.mask"), flat)
+
+
+@pytest.mark.parametrize("one_large_panel", [False, True])
+def test_strong_peaks_are_scipy_maximum_positions_ties_included(one_large_panel):
+    """mask_spots._strong_peaks picks, per 8-connected group, the pixel scipy's maximum_position picks,
+    also when the group's maximum is reached at several pixels (int32 counts, and float64)."""
+    from scipy import ndimage
+
+    from diffuse_cli.formats.geometry import DetectorGeometry
+    from diffuse_cli.mask_spots import _strong_peaks
+
+    geometry = _two_panel_geometry()
+    if one_large_panel:
+        geometry = DetectorGeometry(key="k", panel_shapes=np.array([[300, 350]], dtype=np.int32),
+                                    s1_unit=np.zeros((105000, 3), np.float32), s0=geometry.s0, wavelength=1.0)
+    rng = np.random.default_rng(4)
+    counts = rng.poisson(3, geometry.n_pixels).astype(np.int32)  # many ties
+    strong = rng.random(geometry.n_pixels) < 0.3
+    if one_large_panel:
+        np.testing.assert_array_equal(_strong_peaks(strong, counts.astype(np.float64), geometry),
+                                      _strong_peaks(strong, counts, geometry))
+    expected = []
+    for i, shape in enumerate(geometry.panel_shapes):
+        sl = slice(geometry.panel_offsets[i], geometry.panel_offsets[i + 1])
+        labels, n = ndimage.label(strong[sl].reshape(shape), structure=np.ones((3, 3)))
+        at = ndimage.maximum_position(counts[sl].reshape(shape).astype(np.float64), labels, np.arange(1, n + 1))
+        expected.append(geometry.panel_offsets[i] + np.ravel_multi_index(np.array(at).T, tuple(shape)))
+    expected = np.concatenate(expected)
+    got = _strong_peaks(strong, counts, geometry)
+    np.testing.assert_array_equal(got, expected)
+    values = counts[got]
+    assert len(got) > 20 and np.any([np.sum(counts[strong] == v) > 1 for v in values])
+
+
+def test_spot_background_skips_only_spots_that_cannot_be_masked():
+    """With peak and fraction, _spot_background returns the full two-square background, or inf only
+    where peak <= fraction·b (such a spot is not masked either way)."""
+    from diffuse_cli.mask_spots import _spot_background
+
+    geometry = _two_panel_geometry()
+    rng = np.random.default_rng(6)
+    counts = rng.poisson(30, geometry.n_pixels).astype(np.int32)
+    valid = rng.random(geometry.n_pixels) > 0.05
+    at = rng.choice(geometry.n_pixels, 300, replace=False)
+    peak = rng.uniform(0, 6, len(at))  # about fraction·b = 0.1·30
+    full = _spot_background(counts, valid, geometry, 3, at)
+    quick = _spot_background(counts, valid, geometry, 3, at, peak=peak, fraction=0.1)
+    kept = np.isfinite(quick)
+    np.testing.assert_array_equal(quick[kept], full[kept])
+    assert np.all(peak[~kept] <= 0.1 * full[~kept])
+    assert 0 < kept.sum() < len(at)
+
+
+def test_miller_index_from_numpy_columns():
+    from cctbx.array_family import flex as cflex
+
+    from diffuse_cli.mask_bragg import _miller
+
+    hkl = np.random.default_rng(7).integers(-60, 61, (500, 3))
+    assert list(_miller(hkl)) == list(cflex.miller_index([tuple(int(v) for v in h) for h in hkl]))
+
+
+def test_frame_counts_reads_each_frame_once(monkeypatch):
+    """bragg_mask keeps the frames the dynamic mask and the spot model read for the per-image
+    masks (read-only); the last use hands the frame over."""
+    from diffuse_cli import mask_driver
+
+    reads = []
+
+    class Images:
+        def indices(self):
+            return [10, 11]
+
+        def get_path(self, i):
+            return "/data/sweep.h5"
+
+    def raw_counts(imageset, i):
+        reads.append(i)
+        return np.full(4, i, dtype=np.int32)
+
+    monkeypatch.setattr(mask_driver, "raw_counts", raw_counts)
+    mask_driver._FRAMES.clear()
+    images = Images()
+    a = mask_driver._frame_counts(images, 0)
+    assert not a.flags.writeable
+    mask_driver._frame_counts(images, 1)
+    assert mask_driver._frame_counts(images, 0) is a and reads == [0, 1]
+    assert mask_driver._frame_counts(images, 0, keep=False) is a
+    mask_driver._frame_counts(images, 0, keep=False)
+    assert reads == [0, 1, 0]
+    mask_driver._FRAMES.clear()

@@ -58,6 +58,10 @@ import logging
 import os
 
 import diffuse_cli  # noqa: F401  (DIALS environment before libtbx)
+from diffuse_cli import dials_compat
+
+dials_compat.defer_imports()  # before DIALS is imported: sklearn and pandas only when used
+
 from diffuse_cli import correct_driver, program
 
 logger = logging.getLogger("diffuse.correct")

@@ -35,6 +35,10 @@ import os
 import sys
 
 import diffuse_cli  # noqa: F401  (DIALS environment)
+from diffuse_cli import dials_compat
+
+dials_compat.defer_imports()  # before DIALS is imported: sklearn and pandas only when used
+
 from libtbx.utils import Sorry
 
 from diffuse_cli import program

@@ -1,7 +1,8 @@
 """Mask files: DIALS mask pickles and diffuse's packed copies (True = usable).
 
 * a DIALS mask file (``.mask``): a pickled tuple of ``flex.bool``, one
-  (n_slow, n_fast) array per panel, as dials.generate_mask writes it;
+  (n_slow, n_fast) array per panel, as dials.generate_mask writes it
+  (:func:`write_dials_mask` writes the same bytes as pickling flex, faster);
 * a packed copy (schema ``diffuse.mask_bits/1``, ``.npz``): ``bits``
   (``np.packbits`` of the flat mask in panel order), ``n_pixels``, and any
   provenance fields of the writer; about 50× faster to load.
@@ -10,6 +11,8 @@ In between, a mask is a flat bool array over all pixels in panel order.
 """
 
 from __future__ import annotations
+
+import pickle
 
 import numpy as np
 
@@ -51,6 +54,62 @@ def read_mask_panels(path) -> tuple:
     if not masks or not all(isinstance(m, flex.bool) for m in masks):
         raise Sorry(f"{path}: not a DIALS mask file (expected a pickled tuple of flex.bool)")
     return tuple(masks)
+
+
+class _PanelMask:
+    """One panel's bool mask (n_slow, n_fast), pickled as the flex.bool it stands for."""
+
+    def __init__(self, mask: np.ndarray):
+        self.mask = mask
+
+
+def _flex_bool_state(mask: np.ndarray) -> bytes:
+    """flex.bool's pickle state bytes of ``mask``: the element count (a length byte, then
+    little-endian), then b"1" or b"0" per element."""
+    n = int(mask.size)
+    nb = max(1, (n.bit_length() + 7) // 8)
+    return bytes([nb + 1]) + n.to_bytes(nb, "little") + np.where(mask.ravel(), np.uint8(49), np.uint8(48)).tobytes()
+
+
+class _MaskPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if type(obj) is _PanelMask:
+            return (flex.bool, (), (flex.grid(*obj.mask.shape), _flex_bool_state(obj.mask)))
+        return NotImplemented
+
+
+def _mask_pickle(panels) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _MaskPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(tuple(_PanelMask(np.asarray(a, dtype=bool)) for a in panels))
+    return buf.getvalue()
+
+
+_FAST_MASK_PICKLE: list = []
+
+
+def write_dials_mask(path, flat: np.ndarray, geometry) -> None:
+    """``atomic_io.write_pickle(path, to_dials(flat, geometry))``, the same bytes, ~15× faster.
+
+    flex.bool's own pickling is ~50 ms per 10⁶ pixels; here each panel's state
+    is built with numpy (:func:`_flex_bool_state`), checked once per process
+    against flex's pickle of a small mask (else flex pickles it).
+    """
+    from diffuse_cli import atomic_io
+
+    if not _FAST_MASK_PICKLE:
+        probe = [np.random.default_rng(0).random((3, 300)) < 0.5, np.zeros((1, 7), dtype=bool)]
+        reference = pickle.dumps(tuple(flex.bool(np.ascontiguousarray(a)) for a in probe),
+                                 protocol=pickle.HIGHEST_PROTOCOL)
+        _FAST_MASK_PICKLE.append(_mask_pickle(probe) == reference)
+    if not _FAST_MASK_PICKLE[0]:
+        atomic_io.write_pickle(path, to_dials(flat, geometry))
+        return
+    data = _mask_pickle(geometry.split(np.asarray(flat, dtype=bool)))
+    with atomic_io.atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
 
 
 MASK_BITS_SCHEMA = "diffuse.mask_bits/1"
