@@ -28,6 +28,9 @@ experiments, ASU map, per-detector factors, writing the map and pictures):
   python benchmarks/bench_merge.py --end-to-end combined.expt corrected/ --stills 2,4 \\
       -- ndiv=3 d_min=2.5 space_group=P41212      # thaumatin stills: < 3 min
 
+Add ``output.plots=False`` after ``--`` for the maps and statistics alone (the pictures, about
+1 CPU-s, left out; the map is the same).
+
 Peak memory of a merge on a 100 Å cubic P1 cell at 1.5 Å, ndiv=3 (issue 12, item 3):
 
   python benchmarks/bench_merge.py --rss-100A --pool 4 --n-side 1000
@@ -92,7 +95,8 @@ def end_to_end(expt: str, corrected: str, n_files: int | None, merge_args: list[
 
     files = corrected_files([corrected])[:n_files] if os.path.isdir(corrected) else sorted(glob.glob(corrected))
     out = os.path.join(workdir, f"merged_{len(files)}")
-    cmd = [sys.executable, "-c", "import sys; from diffuse_cli.command_line.merge import run; run(sys.argv[1:])",
+    # -P: the current directory is not put first on sys.path, so PYTHONPATH picks the tree to time
+    cmd = [sys.executable, "-P", "-c", "import sys; from diffuse_cli.command_line.merge import run; run(sys.argv[1:])",
            expt, *files, *merge_args,
            f"output.directory={out}", f"output.log={out}.log"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -672,7 +672,7 @@ class CompactAccumulator:
 
 
 def compact_asu(grid: HKLGrid, laue, unit_cell=None, d_min=None, d_max=None, friedel: bool = True,
-                chunk: int = 4_000_000):
+                chunk: int = 1 << 19):
     """(reps, table, hand) of the ASU voxels inside the resolution range, without the
     int64 full-grid map of :func:`diffuse_cli.symmetry.grid_asu_map`:
 
@@ -680,7 +680,8 @@ def compact_asu(grid: HKLGrid, laue, unit_cell=None, d_min=None, d_max=None, fri
     table: per grid voxel its compact index (int32, −1 outside the range), equal to
     :func:`compact_tables` of grid_asu_map; hand: as grid_asu_map's (int8), or None.
     Built as grid_asu_map is (representatives found chunk by chunk, their images pointed at
-    them), writing the compact index directly. 5 bytes per grid voxel.
+    them), writing the compact index directly. 5 bytes per grid voxel. ``chunk``: voxels per
+    block of whole h-planes (small blocks reuse their temporaries instead of fresh pages).
     """
     from diffuse_cli.symmetry import _orbit_fill, reciprocal_metric, representatives_in_range
 

@@ -158,6 +158,8 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         provenance.remove_temporaries(out)
     also = [os.path.join(out, name) for name in (f"{params.output.prefix}.ccp4", "statistics.json", "scales.json",
                                                  "summary.json")]
+    if params.output.plots:  # a run with output.plots=False before: the pictures are still to be made
+        also += [os.path.join(out, name) for name in ("slice_hk0.png", "I_vs_q.png", "statistics.png")]
     if provenance.is_current(npz, key, also=also):
         logger.info("Nothing to do: %s is up to date (the same %d corrected stills, experiments and "
                     "parameters as the run that wrote it)", npz, n_given)
@@ -287,8 +289,9 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         sc.wilson = abs_plan["wilson"]
         prof = sc.K * prof - sc.incoherent
         units = "electron units per unit cell (incoherent subtracted)"
-        absc.plot_absolute_scale(sc, os.path.join(out, "absolute_scale.png"))
-        if abs_plan["wilson_fit"] is not None:
+        if params.output.plots:
+            absc.plot_absolute_scale(sc, os.path.join(out, "absolute_scale.png"))
+        if abs_plan["wilson_fit"] is not None and params.output.plots:
             absc.plot_wilson(abs_plan["wilson_fit"], os.path.join(out, "wilson_plot.png"))
         program.write_json(os.path.join(out, "absolute_scale.json"),
                            {**sc.as_dict(), "bragg_peaks": abs_plan["bragg_peaks"]})
@@ -303,6 +306,9 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     def I_blocks():
         for i0, i1 in blocks:
             v = I_block(i0, i1)
+            if not params.output.plots:
+                yield v
+                continue
             sections["hk0"].append(v[:, :, off[2]].copy())
             sections["h0l"].append(v[:, off[1], :].copy())
             if i0 <= off[0] < i1:
@@ -311,16 +317,19 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
 
     map_output.write_ccp4_slabs(os.path.join(out, f"{params.output.prefix}.ccp4"), grid, I_blocks(), cell,
                                 title=f"diffuse.merge {sg_symbol} ndiv={grid.ndiv[0]}")
-    for plane in ("hk0", "h0l", "0kl"):
+    plots = params.output.plots
+    for plane in ("hk0", "h0l", "0kl") if plots else ():
         sec = sections[plane] if plane == "0kl" else np.concatenate(sections[plane])
         map_output.plot_section_values(os.path.join(out, f"slice_{plane}.png"), grid, sec, cell,
                                        plane, title=f"{plane} section ({units.split(' (')[0]})")
-    map_output.plot_radial(os.path.join(out, "I_vs_q.png"), centres, prof,
-                           ylabel=f"⟨I⟩ ({units.split(' (')[0]})")
+    if plots:
+        map_output.plot_radial(os.path.join(out, "I_vs_q.png"), centres, prof,
+                               ylabel=f"⟨I⟩ ({units.split(' (')[0]})")
     program.write_json(os.path.join(out, "statistics.json"), stats)
-    map_output.plot_shell_statistics(os.path.join(out, "statistics.png"), stats)
+    if plots:
+        map_output.plot_shell_statistics(os.path.join(out, "statistics.png"), stats)
     program.write_json(os.path.join(out, "scales.json"), _scales_json(result, files, reindexed, crystal_ops))
-    if result.terms is not None and params.scaling.enable:
+    if result.terms is not None and params.scaling.enable and plots:
         from diffuse_cli.scaling_plots import plot_terms
 
         for name in plot_terms(result.terms, out, [os.path.basename(f) for f in files]):
@@ -340,8 +349,9 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         provenance_key=stored["provenance_key"], provenance=stored["provenance"],
         **extra)
     summaries.report_failed("diffuse.merge", failed, n_given, summary_path)
-    logger.info("Wrote %s, %s.ccp4, slices, I_vs_q.png, statistics.json/.png, scales.json in %s",
-                os.path.basename(npz), params.output.prefix, out)
+    logger.info("Wrote %s, %s.ccp4, %sstatistics.json%s, scales.json in %s", os.path.basename(npz),
+                params.output.prefix, "slices, I_vs_q.png, " if params.output.plots else "",
+                "/.png" if params.output.plots else "", out)
     return result
 
 

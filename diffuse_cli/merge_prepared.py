@@ -74,7 +74,8 @@ class PreparedStill:
     ``n_dropped``: observations outside the range; ``typical``: the still's
     median positive I (expected intensity where there is no reference).
     ``fit``: the fit subset (at most fit_max_obs, fixed by the still's seed),
-    float64: c, I, sigma, v1, dss.
+    float64: c, I, sigma, v1, dss. ``voxels``: (compact voxels the still touches, int32
+    increasing; observations in each, int64), for :func:`_floor_weighted`.
     """
 
     c: np.ndarray
@@ -86,10 +87,13 @@ class PreparedStill:
     n_dropped: int
     typical: float
     fit: dict
+    voxels: tuple | None = None
 
     def arrays(self) -> dict:
         out = {k: getattr(self, k) for k in ("c", "side", "I", "sigma", "v1", "dss")}
         out.update({f"fit_{k}": v for k, v in self.fit.items()})
+        if self.voxels is not None:
+            out["voxels_index"], out["voxels_count"] = self.voxels
         return {k: v for k, v in out.items() if v is not None}
 
     @property
@@ -112,6 +116,32 @@ def _hkl_of(obs, sel=None, ops=()) -> np.ndarray:
     for M in ops:
         hkl = hkl @ np.asarray(M).astype(hkl.dtype)
     return hkl
+
+
+def _median_of_positive(x: np.ndarray, sample: int = 20_000, exact_below: int = 100_000) -> float:
+    """``np.median(x[x > 0])`` bit for bit (1.0 when none is positive), without partitioning
+    all of them: the middle order statistics are found inside a window of values that a
+    strided sample puts around them (Floyd–Rivest); if the window misses them, np.median."""
+    x = np.asarray(x, dtype=np.float64)
+    positive = x > 0
+    n = int(np.count_nonzero(positive))
+    if n == 0:
+        return 1.0
+    if n < exact_below:
+        return float(np.median(x[positive]))
+    ks = sorted({(n - 1) // 2, n // 2})
+    s = x[:: max(1, len(x) // sample)]
+    s = np.sort(s[s > 0])
+    half = max(8, int(0.03 * len(s)))  # ±3 % of the sample (≫ its sampling error)
+    lo, hi = s[max(0, len(s) // 2 - half)], s[min(len(s) - 1, len(s) // 2 + half)]
+    below = int(np.count_nonzero(positive & (x < lo)))
+    window = x[(x >= lo) & (x <= hi)]
+    if lo > 0 and below <= ks[0] and ks[-1] < below + len(window):
+        window.partition([k - below for k in ks])
+        vals = [window[k - below] for k in ks]
+    else:  # a sample far from the median
+        return float(np.median(x[positive]))
+    return float(vals[0] if len(vals) == 1 else (vals[0] + vals[1]) / 2)
 
 
 def prepare_still(obs: dict, grid: HKLGrid, table: np.ndarray, hand: np.ndarray | None, gstar,
@@ -150,7 +180,7 @@ def prepare_still(obs: dict, grid: HKLGrid, table: np.ndarray, hand: np.ndarray 
         finite_hkl = True
     I_f = I.astype(np.float64, copy=False)
     s_f = sig.astype(np.float64, copy=False)
-    typical = (float(np.median(I_f[I_f > 0])) if np.any(I_f > 0) else 1.0) if v1 is not None else 1.0
+    typical = _median_of_positive(I_f) if v1 is not None else 1.0
     # the fit subset: as _reference_subset (the same observations in every pass)
     ok = np.isfinite(I_f) & np.isfinite(s_f) & finite_hkl
     ok &= (s_f > 0) if v1 is None else (s_f >= 0) & (np.asarray(v1) > 0)
@@ -167,9 +197,13 @@ def prepare_still(obs: dict, grid: HKLGrid, table: np.ndarray, hand: np.ndarray 
     if with_dss:
         hk = _hkl_of(obs, keep, ops).astype(np.float64)
         dss = np.einsum("ni,ij,nj->n", hk, gstar, hk).astype(np.float32)
-    return PreparedStill(c[keep], side[keep], I[keep].astype(np.float32), sig[keep].astype(np.float32),
+    ck = c[keep]
+    per_voxel = np.bincount(ck)
+    touched = np.flatnonzero(per_voxel)
+    return PreparedStill(ck, side[keep], I[keep].astype(np.float32), sig[keep].astype(np.float32),
                          None if v1 is None else np.asarray(v1)[keep].astype(np.float32), dss,
-                         n - len(keep), typical, {k: v for k, v in fit.items() if v is not None})
+                         n - len(keep), typical, {k: v for k, v in fit.items() if v is not None},
+                         (touched.astype(np.int32), per_voxel[touched].astype(np.int64)))
 
 
 class _PreparedStore:
@@ -206,7 +240,9 @@ class _PreparedStore:
         a = {k: np.load(f, mmap_mode="r") for k, f in names.items()}
         fit = {k[4:]: np.asarray(v) for k, v in a.items() if k.startswith("fit_")}
         return PreparedStill(a["c"], a["side"], a["I"], a["sigma"], a.get("v1"), a.get("dss"),
-                             n_dropped, typical, fit)
+                             n_dropped, typical, fit,
+                             (np.asarray(a["voxels_index"]), np.asarray(a["voxels_count"]))
+                             if "voxels_index" in a else None)
 
     @property
     def n_spilled(self) -> int:
@@ -252,6 +288,32 @@ def _floor(expected: np.ndarray, typical: float, n_typical: int) -> float:
     return 1e-3 * float(med)
 
 
+def _floor_weighted(ref: np.ndarray, voxels: tuple, g: float, typical: float, n_typical: int) -> float:
+    """:func:`_floor` of the expected intensities ``_expected(c, ref, [g], typical)`` of a
+    still's observations and ``n_typical`` more equal to ``typical``, from its voxel counts
+    (``PreparedStill.voxels``): O(voxels touched), not O(observations). Exact: for g > 0,
+    g·x rounds monotonically in x, so the order statistics of the products are the products
+    at the order statistics; each voxel's product is its observations' (all equal)."""
+    index, count = voxels
+    r = np.asarray(ref[index], dtype=np.float64)
+    finite = np.isfinite(r)
+    e = np.float64(g) * r[finite]
+    w = count[finite]
+    m = (int(count[~finite].sum()) + int(n_typical)) if typical > 0 else 0
+    pos = e > 0
+    e, w = e[pos], w[pos]
+    total = int(w.sum()) + m
+    if total == 0:
+        return 1e-12
+    if m:
+        e, w = np.append(e, typical), np.append(w, m)
+    order = np.argsort(e, kind="stable")
+    e, end = e[order], np.cumsum(w[order])  # sorted values; end[j]: observations up to value j
+    vals = [e[np.searchsorted(end, k, side="right")] for k in sorted({(total - 1) // 2, total // 2})]
+    med = vals[0] if len(vals) == 1 else (vals[0] + vals[1]) / 2
+    return 1e-3 * float(med)
+
+
 def _leave_one_out_prepared(ref_I, ref_sigma, ref_counts, p: PreparedStill, multiplier, reject_limit,
                             min_counts):
     """scaling.leave_one_out_voxels (offset 0) at the still's fit subset, the own sums by one
@@ -261,7 +323,9 @@ def _leave_one_out_prepared(ref_I, ref_sigma, ref_counts, p: PreparedStill, mult
     n_c = len(ref_I)
     m = np.ascontiguousarray(np.atleast_1d(np.asarray(multiplier, dtype=np.float64)))
     floor = 0.0
-    if p.v1 is not None:  # model_variance's floor over m·R (0 where no reference)
+    if p.v1 is not None and m.size == 1 and m[0] > 0 and p.voxels is not None:
+        floor = _floor_weighted(np.asarray(ref_I, dtype=np.float64), p.voxels, float(m[0]), 0.0, 0)
+    elif p.v1 is not None:  # model_variance's floor over m·R (0 where no reference)
         e = _buffer("loo", len(p.c))
         _ma._expected(p.c, ref_I, m, 0.0, e)
         floor = _floor(e, 0.0, 0)

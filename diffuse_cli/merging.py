@@ -50,8 +50,8 @@ from diffuse_cli.scaling import (FitResult, ScaleModel, fit_scale, leave_one_out
                                  relax)
 from diffuse_cli.scaling_terms import ScalingTerms
 from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map, reciprocal_metric
-from diffuse_cli.merge_prepared import (CACHE_BYTES, _SCRATCH, _buffer, _fit_prepared, _floor, _PreparedStore,
-                                        _reference_subset, prepare_still)
+from diffuse_cli.merge_prepared import (CACHE_BYTES, _SCRATCH, _buffer, _fit_prepared, _floor, _floor_weighted,
+                                        _PreparedStore, _reference_subset, prepare_still)
 
 logger = logging.getLogger("diffuse.merging")
 
@@ -641,7 +641,11 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
                         expected.fill(p.typical)
                     else:
                         _ma._expected(p.c, ref, 1.0 / factor, p.typical, expected)
-                    floor = _floor(expected, p.typical, p.n_dropped)
+                    g = 1.0 / factor
+                    if scaled and len(g) == 1 and g[0] > 0 and p.voxels is not None:
+                        floor = _floor_weighted(ref, p.voxels, float(g[0]), p.typical, p.n_dropped)
+                    else:
+                        floor = _floor(expected, p.typical, p.n_dropped)
                 acc.n_added += _ma._pass(p.c, p.side, p.I, p.sigma, empty if p.v1 is None else p.v1,
                                          factor, ref, expected, floor, limit if np.isfinite(limit) else 0.0,
                                          int(half[i]), acc.sw, acc.swi, acc.cnt, *acc.stats)

@@ -170,3 +170,42 @@ def test_a_voxel_whose_observations_all_disagree_stays_rejected_whatever_the_pas
     counts = [int(r.merged.counts[rep]) for r in runs]
     assert counts[0] == counts[1] == 0, counts
     np.testing.assert_array_equal(runs[0].merged.counts, runs[1].merged.counts)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_floor_from_voxel_counts_equals_median_of_every_observation(case):
+    """_floor_weighted (per touched voxel, with its observation count) gives bit for bit the
+    floor 1e-3·median of the positive expected intensities listed per observation (np.median)."""
+    rng = np.random.default_rng(case)
+    n_c = [50, 7, 300, 1, 40, 12][case]
+    ref = rng.lognormal(0.0, 1.0, n_c) * rng.choice([1.0, -1.0], n_c, p=[0.9, 0.1])
+    ref[rng.random(n_c) < 0.2] = np.nan
+    ref[: n_c // 3] = ref[0]  # ties
+    c = rng.integers(0, n_c, [1000, 7, 5001, 3, 2, 64][case]).astype(np.int32)
+    g = [1.0 / 3.0, 2.5, 0.7, 1.0, 1e-3, 3.0][case]
+    typical = [0.0, 1.3, float(np.nanmedian(np.abs(ref))), 2.0, 0.5, 0.0][case]
+    n_typical = [0, 3, 2000, 1, 0, 5][case]
+    expected = np.where(np.isfinite(ref[c]), g * ref[c], typical)  # as merge_accumulator._expected
+    listed = np.concatenate([expected, np.full(n_typical if typical > 0 else 0, typical)])
+    listed = listed[listed > 0]
+    truth = 1e-3 * float(np.median(listed)) if listed.size else 1e-12
+    per_voxel = np.bincount(c)
+    touched = np.flatnonzero(per_voxel)
+    voxels = (touched.astype(np.int32), per_voxel[touched].astype(np.int64))
+    assert mp._floor_weighted(ref, voxels, g, typical, n_typical) == truth
+    assert mp._floor(expected.copy(), typical, n_typical) == truth  # the per-observation form it replaces
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_median_of_positive_equals_numpy(case):
+    """prepare_still's typical intensity: np.median of the positive values, bit for bit,
+    also with ties, NaN, negatives, few values and a sample that misses the median."""
+    rng = np.random.default_rng(case)
+    n = [300_000, 1_000_001, 50, 400_000, 250_000][case]
+    x = [rng.lognormal(0, 2, n), rng.poisson(1.5, n) * 0.25 - 0.25, rng.normal(0, 1, n),
+         np.where(rng.random(n) < 0.3, np.nan, rng.normal(1, 1, n)),
+         np.sort(rng.exponential(1.0, n))][case]  # sorted: a strided sample of one stretch
+    if case == 4:
+        x[: n // 2] = -1.0
+    assert mp._median_of_positive(x) == float(np.median(x[x > 0]))
+    assert mp._median_of_positive(np.full(10, -1.0)) == 1.0

@@ -195,3 +195,27 @@ def test_merges_diffuse_correct_output(tmp_path, monkeypatch):
     from diffuse_cli.merging import voxel_d_star
     ds = voxel_d_star(grid, np.flatnonzero(only_truth), z["unit_cell"])
     assert np.all(ds > 0.98 / float(z["d_min"])), (only_truth.sum(), ds.min() * float(z["d_min"]))
+
+
+def test_plots_false_same_maps_without_pictures(tmp_path, monkeypatch):
+    """output.plots=False: the same merged.npz, CCP4 map and statistics, and no picture."""
+    monkeypatch.chdir(tmp_path)
+    _write_inputs(tmp_path)
+    args = ["combined.expt", "corrected", "ndiv=2", "d_min=2.2", "space_group=P4"]
+    merge_cli.run(args + ["output.directory=with"])
+    merge_cli.run(args + ["output.directory=without", "output.plots=False"])
+    with_png = sorted(p.name for p in (tmp_path / "with").glob("*.png"))
+    assert {"slice_hk0.png", "slice_h0l.png", "slice_0kl.png", "I_vs_q.png", "statistics.png"} <= set(with_png)
+    assert not list((tmp_path / "without").glob("*.png"))
+    a, b = np.load(tmp_path / "with" / "merged.npz"), np.load(tmp_path / "without" / "merged.npz")
+    for name in ("I", "sigma", "counts", "scales", "n_observations"):
+        np.testing.assert_array_equal(a[name], b[name])
+    assert (tmp_path / "with" / "merged.ccp4").read_bytes() == (tmp_path / "without" / "merged.ccp4").read_bytes()
+    for name in ("statistics.json", "scales.json"):
+        assert json.loads((tmp_path / "with" / name).read_text()) == json.loads((tmp_path / "without" / name).read_text())
+    # the resume rule: plots=False again is up to date; plots=True then makes the pictures
+    mtime = (tmp_path / "without" / "merged.npz").stat().st_mtime_ns
+    merge_cli.run(args + ["output.directory=without", "output.plots=False"])
+    assert (tmp_path / "without" / "merged.npz").stat().st_mtime_ns == mtime
+    merge_cli.run(args + ["output.directory=without"])
+    assert sorted(p.name for p in (tmp_path / "without").glob("*.png")) == with_png

@@ -39,9 +39,13 @@ from __future__ import annotations
 import logging
 import os
 
-from diffuse_cli import merge_driver, program
-from diffuse_cli.merge_driver import _bragg_peaks_masked, merge, scaling_model  # noqa: F401
-from diffuse_cli.merge_inputs import _half_blocks, _warn_spreads, corrected_files, reference_model  # noqa: F401
+from diffuse_cli import dials_compat
+
+dials_compat.defer_imports()  # before DIALS is imported: sklearn and pandas only when used
+
+from diffuse_cli import merge_driver, program  # noqa: E402
+from diffuse_cli.merge_driver import _bragg_peaks_masked, merge, scaling_model  # noqa: F401,E402
+from diffuse_cli.merge_inputs import _half_blocks, _warn_spreads, corrected_files, reference_model  # noqa: F401,E402
 
 logger = logging.getLogger("diffuse.merge")
 
@@ -267,6 +271,11 @@ output {
   prefix = merged
     .type = str
     .help = "merged.npz / merged.ccp4 file stem."
+  plots = True
+    .type = bool
+    .help = "Write the pictures (slice_*.png, I_vs_q.png, statistics.png, scaling_*.png,"
+            "absolute_scale.png, wilson_plot.png). False: the maps, statistics and JSON files"
+            "only (the pictures are about 1 CPU-s of a small merge)."
 }
 """,
     program="merge",
