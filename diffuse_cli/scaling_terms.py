@@ -37,6 +37,10 @@ RIDGE = 1e-8  # keeps nodes without data (and without curvature) determined
 # constraint leaves their difference, which flips sign every pass (eigenvalue −1).
 # For iteration eigenvalues in [−1, 0], s = 1/3 is the optimal damping (|error| × 1/3 a pass).
 DETECTOR_OWN_SHARE = 1.0 / 3.0
+# Least information of a detector node (diagonal of d's normal matrix) as a share of what
+# it would hold if the data covered its support like the average node: a node below it
+# gets a prior towards 1 that makes up the difference (detector_floor, docs/merge.md).
+DETECTOR_INFORMATION_FLOOR = 0.1
 # Least share of an offset mode's information that must survive the multiplicative terms
 # (offset_prior): the identifiability prior weight of the additive offset, docs/merge.md.
 OFFSET_INFORMATION_FLOOR = 0.02
@@ -104,6 +108,27 @@ def _grid_penalty(n: int) -> np.ndarray:
         rows.append(np.sqrt(0.5) * np.kron(D1, D1))
     B = np.vstack(rows)
     return B.T @ B
+
+
+def detector_floor(N: np.ndarray, n: int, floor: float) -> np.ndarray:
+    """(P, n·n) prior weights towards d = 1 on the detector nodes the data barely see.
+
+    N (P, n², n²): d's normal matrices per panel. A bilinear node's ∫B² is ½
+    at an edge and ¼ at a corner of an interior node's, so with c_k =
+    w_x·w_y (w = ½ at the ends of an axis, 1 inside) the information node k
+    would hold if the data covered its support like the average node is
+    c_k·tr(N)/Σc. A node with less than ``floor`` of that gets the rest as a
+    prior towards 1: nodes beyond the data (past d_min, a panel edge seen by a
+    few pixels) are held instead of extrapolated by the curvature prior, and
+    well-covered nodes get none (the fixed point there is unchanged).
+    """
+    w = np.ones(n)
+    w[[0, -1]] = 0.5
+    c = np.outer(w, w).ravel()
+    P = N.shape[0]
+    expected = c * float(np.trace(N, axis1=1, axis2=2).sum()) / (P * c.sum())
+    diag = np.einsum("pkk->pk", N)
+    return np.maximum(floor * expected[None, :] - diag, 0.0)
 
 
 def _linear_weights(t: np.ndarray, n: int):
@@ -184,6 +209,8 @@ class ScalingTerms:
                            else np.asarray(neighbours, dtype=np.int64).reshape(n_stills, 2))
         self._uv = [np.inf, -np.inf, np.inf, -np.inf]
         self._aS = np.zeros((max(self.n_a, 1), N_RINGS))
+        self._a_log = np.zeros(max(self.n_a, 1))  # Σ log α of the pass's fits (before relax)
+        self._a_count = np.zeros(1)
 
     def observe(self, obs: dict) -> None:
         """Pass 0: note the range of ŝ1 directions and the panel shapes."""
@@ -402,6 +429,9 @@ class ScalingTerms:
         fit.offset = p[blocks[2]]
         keep = (np.abs(r) <= POISSON_OUTLIER_CUT * scale).astype(np.float64)
         if ok and self.n_a:
+            # the absorption held by this still's detector equations (end_pass moves its static part)
+            self._a_log += np.log(np.maximum(p[blocks[1]], 1e-6))
+            self._a_count += 1.0
             # which |s| rings each absorption node sees (information-weighted)
             wa = keep / (s_model * s_model) * (D * g * (ref + c)) ** 2
             ring = self._ring(co["dss"])
@@ -448,13 +478,14 @@ class ScalingTerms:
         for k in range(4):
             S += np.bincount(node[:, k] * N_RINGS + ring, wh * h * wt[:, k], minlength=S.size)
         if self.n_a:
-            # which absorption nodes each detector node sees (information-weighted)
+            # Σ w·h·I·B_d·B_a: d's right-hand side per absorption node, for moving the
+            # static absorption into d through d's own normal equations (end_pass)
             na = self._dT.shape[1]
             T = self._dT.reshape(-1)
             for k in range(4):
                 for l in range(4):
                     T += np.bincount(node[:, k] * na + co["a_idx"][:, l],
-                                     wh * h * wt[:, k] * co["a_w"][:, l], minlength=T.size)
+                                     wh * I * wt[:, k] * co["a_w"][:, l], minlength=T.size)
 
     # ------------------------------------------------------------ after a pass
     def end_pass(self, new_g, new_alpha, new_kappa, ok, comm=None, typical: float = 0.0) -> dict:
@@ -473,12 +504,13 @@ class ScalingTerms:
         old = (self.g.copy(), self.alpha.copy(), self.kappa.copy(),
                None if self.det is None else self.det.copy())
         g, alpha, kappa = new_g.copy(), new_alpha.copy(), new_kappa.copy()
-        ring_factor, m_rest = None, None
+        ring_factor, a_static = None, None
         if self.n_a and ok.any():
             if comm is not None and comm.Get_size() > 1:
                 from mpi4py import MPI
 
-                comm.Allreduce(MPI.IN_PLACE, self._aS, op=MPI.SUM)
+                for arr in (self._aS, self._a_log, self._a_count):
+                    comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
             # static absorption: geometric mean over stills, per node. Its radial
             # part (a function of |s| alone) is the map's radial profile: moved
             # there exactly, (a, I_ref, c) -> (a/rho, rho·I_ref, rho·c); the rest
@@ -486,38 +518,43 @@ class ScalingTerms:
             log_m = np.mean(np.log(np.maximum(alpha[ok], 1e-6)), axis=0)
             S = self._aS
             cols, rows = S.sum(axis=0), S.sum(axis=1)
-            log_rho = np.zeros(N_RINGS)
-            log_rho[cols > 0] = (S[:, cols > 0].T @ log_m) / cols[cols > 0]
-            log_node = np.zeros(self.n_a)
-            log_node[rows > 0] = (S[rows > 0] @ log_rho) / rows[rows > 0]
+
+            def radial(log_nodes):  # (ring values, their value at each node)
+                lr = np.zeros(N_RINGS)
+                lr[cols > 0] = (S[:, cols > 0].T @ log_nodes) / cols[cols > 0]
+                ln = np.zeros(self.n_a)
+                ln[rows > 0] = (S[rows > 0] @ lr) / rows[rows > 0]
+                return lr, ln
+
+            log_rho, log_node = radial(log_m)
             ring_factor = np.exp(log_rho)
             have_rings = cols > 0
             if self.n_c:
                 s_nodes = np.linspace(0.0, self.s_max, self.n_c)
                 kappa *= np.exp(np.interp(s_nodes, self.ring_centres()[have_rings], log_rho[have_rings]))
             if self.n_d:
+                # no static absorption at all (docs/merge.md, "a ↔ d"): the static part
+                # held by the detector equations of this pass (the fits before relax)
+                # goes to d through those equations (_solve_detector)
                 alpha[ok] /= np.exp(log_m)
-                m_rest = np.exp(log_m - log_node)
+                if self._a_count[0] > 0:
+                    log_fit = self._a_log / self._a_count[0]
+                    a_static = log_fit - radial(log_fit)[1]
             else:
                 alpha[ok] /= np.exp(log_node)
             ring_factor = np.where(have_rings, ring_factor, np.nan)
+        if self.n_a:
             self._aS = np.zeros_like(self._aS)
+            self._a_log = np.zeros_like(self._a_log)
+            self._a_count = np.zeros(1)
         if self.n_d:
             if comm is not None and comm.Get_size() > 1:
                 from mpi4py import MPI
 
                 for arr in (self._dN, self._db, self._dT, self._dS):
                     comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
-            det = self._solve_detector()
+            det = self._solve_detector(None if a_static is None else self._dT @ a_static)
             info = np.einsum("pkk->pk", self._dN.reshape(len(self.det), self.n_d, self.n_d))
-            if m_rest is not None:
-                # the static, non-radial absorption belongs to d
-                T = self._dT
-                rows = T.sum(axis=1)
-                have = rows > 0
-                log_md = np.zeros(T.shape[0])
-                log_md[have] = (T[have] @ np.log(m_rest)) / rows[have]
-                det = det * self._ring_normalise(np.exp(log_md).reshape(det.shape))
             if self.relax_detector and old[3] is not None:
                 # damped update (see DETECTOR_OWN_SHARE); the fixed point is unchanged
                 det = np.exp(DETECTOR_OWN_SHARE * np.log(np.maximum(old[3], 1e-6))
@@ -569,35 +606,28 @@ class ScalingTerms:
                 out = max(out, float(np.sqrt(np.sum(w * rel[p] ** 2) / np.sum(w))))
         return out
 
-    def _ring_normalise(self, det: np.ndarray, n_iter: int = 4) -> np.ndarray:
-        """d with the same mean on every ring of constant |s|.
+    def _solve_detector(self, static_rhs=None) -> np.ndarray:
+        """d from this pass's normal equations N d = b, with its priors and the ring constraint.
 
-        With a fixed detector and wavelength each pixel sees one |s|, so a
-        response that depends on |s| alone cannot be told from the map's
-        radial profile: it is left to the map (and to diffuse.correct's
-        multipliers). Ring means are information-weighted over the nodes.
+        ``static_rhs`` (P·m,): Σ w·h·I·ā·B_d, the change of b when the static
+        absorption ā (log, per pixel) of the fits is moved from a into d
+        (h → h·e^(−ā), so the targets I/h → I/h·e^ā, to first order in ā):
+        d is then the least-squares response for absorption surfaces without
+        a static part, and where a node has little data its priors hold it
+        (docs/merge.md, "a ↔ d").
+
+        Ring constraint: with a fixed detector and wavelength each pixel sees
+        one |s|, so a response that depends on |s| alone cannot be told from
+        the map's radial profile: it is left to the map (and to diffuse.correct's
+        multipliers). The mean of d over each |s| ring (information-weighted
+        over the nodes) is held at 1.
         """
-        S = self._dS
-        rows = S.sum(axis=1)
-        cols = S.sum(axis=0)
-        have_r, have_c = rows > 0, cols > 0
-        flat = det.reshape(-1).copy()
-        for _ in range(n_iter):
-            rho = np.ones(S.shape[1])
-            rho[have_c] = (S[:, have_c].T @ flat) / cols[have_c]
-            log_rho = np.log(np.maximum(rho, 1e-6))
-            corr = np.zeros(S.shape[0])
-            corr[have_r] = (S[have_r] @ log_rho) / rows[have_r]
-            flat = flat / np.exp(corr)
-        return flat.reshape(det.shape)
-
-    def _solve_detector(self) -> np.ndarray:
         P, m = len(self.panel_shapes), self.n_d
         N = self._dN.reshape(P, m, m)
-        b = self._db.reshape(P, m)
+        b = self._db if static_rhs is None else self._db + static_rhs
+        b = b.reshape(P, m)
         pen = _grid_penalty(self.detector.n_nodes)
-        # ring constraint (see _ring_normalise): mean of d over each |s| ring = 1,
-        # stiff penalty k·Σ_r (l_rᵀd − 1)², solved by Woodbury around the panel blocks
+        # ring constraint: stiff penalty k·Σ_r (l_rᵀd − 1)², solved by Woodbury around the panel blocks
         S = self._dS
         cols = S.sum(axis=0)
         L = S[:, cols > 0] / cols[cols > 0]
@@ -606,13 +636,19 @@ class ScalingTerms:
         x = self.det.reshape(-1).copy()
         Y = np.zeros_like(L)
         solved = np.zeros(P * m, dtype=bool)
+        lifts = detector_floor(N, self.detector.n_nodes, DETECTOR_INFORMATION_FLOOR)
         for p in range(P):
             tr = np.trace(N[p])
             if not tr > 0:
                 continue  # no data on this panel: keep
-            M = N[p] + self.detector.smoothness * tr / np.trace(pen) * pen + RIDGE * tr / m * np.eye(m)
+            # nodes the data barely see (beyond d_min, a panel edge): held at 1 by the
+            # missing information, instead of extrapolated by the curvature prior
+            lift = lifts[p]
+            M = (N[p] + self.detector.smoothness * tr / np.trace(pen) * pen + RIDGE * tr / m * np.eye(m)
+                 + np.diag(lift))
             blk = slice(p * m, (p + 1) * m)
-            sol = np.linalg.solve(M, np.column_stack([b[p] + RIDGE * tr / m * self.det[p], L[blk]]))
+            rhs = b[p] + RIDGE * tr / m * self.det[p] + lift
+            sol = np.linalg.solve(M, np.column_stack([rhs, L[blk]]))
             x[blk], Y[blk] = sol[:, 0], sol[:, 1:]
             solved[blk] = True
         if L.shape[1] and k > 0:

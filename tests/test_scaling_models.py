@@ -67,12 +67,16 @@ def true_offset(delta, s):
 
 
 def make_synthetic(n_blobs=12, absorption=True, offset=True, photons=3000.0, n_stills=N_STILLS, iso=1.0,
-                   ndiv=2, offset_rms=0.25):
+                   ndiv=2, offset_rms=0.25, rotations=None, pixels=None):
+    """``rotations`` (n_stills, 3, 3): the crystal orientations (default: random);
+    ``pixels``: boolean mask over the detector pixels, True = observed (default: all)."""
     rng = np.random.default_rng(11)
     grid = HKLGrid.for_resolution(ndiv, UC, D_MIN)
     laue = LaueSymmetry("P4")
     truth = symmetric_truth(grid, laue, UC, n_blobs=n_blobs, seed=4, iso=iso)
     lab, panel, fast, slow = _detector()
+    if pixels is not None:
+        lab, panel, fast, slow = lab[pixels], panel[pixels], fast[pixels], slow[pixels]
     s1 = lab / np.linalg.norm(lab, axis=1, keepdims=True) / WAVELENGTH
     s0 = np.array([0.0, 0.0, -1.0 / WAVELENGTH])
     q = s1 - s0
@@ -80,7 +84,7 @@ def make_synthetic(n_blobs=12, absorption=True, offset=True, photons=3000.0, n_s
     uv = (s1 * WAVELENGTH)[:, :2]
     det = true_detector(panel, fast, slow)
     B = b_matrix(UC)
-    U = random_rotations(n_stills, 7)
+    U = random_rotations(n_stills, 7) if rotations is None else np.asarray(rotations)
     b = rng.uniform(0.6, 1.6, n_stills)
     coef = rng.normal(0, 1, (n_stills, 3)) * [0.06, 0.06, 0.0]
     coef -= coef.mean(axis=0)  # geometric mean over stills 1 at every direction
@@ -355,3 +359,60 @@ def test_scale_offset_split_on_a_radial_map_is_identifiable(monkeypatch, floor):
             assert np.sqrt(np.mean((p / mu - 1) ** 2)) < 0.01
     else:
         assert not all(ok) or abs(g[1] / g[0] - 1) > 0.01, g
+
+
+# ---------------------------------------------------------------- identifiability of the detector response
+#
+# A detector node whose support the data barely cover (beyond d_min, a panel edge) is not fixed by the
+# data; the curvature prior extrapolated it from its neighbours, and on the 5-frame nuclease sweep that
+# edge flipped by ±2 % every pass. scaling_terms.detector_floor holds such nodes at 1 with a prior that
+# makes up their missing information (docs/merge.md, "d ↔ nothing").
+
+def _detector_solve(monkeypatch, floor, first_row=20):
+    """d solved from one still of noise-free data d_true·h on the two panels, no pixels with slow < first_row."""
+    import diffuse_cli.scaling_terms as scaling_terms
+
+    monkeypatch.setattr(scaling_terms, "DETECTOR_INFORMATION_FLOOR", floor)
+    lab, panel, fast, slow = _detector()
+    keep = slow >= first_row
+    lab, panel, fast, slow = lab[keep], panel[keep], fast[keep], slow[keep]
+    s1 = lab / np.linalg.norm(lab, axis=1, keepdims=True) / WAVELENGTH
+    s = np.linalg.norm(s1 - np.array([0.0, 0.0, -1.0 / WAVELENGTH]), axis=1)
+    obs = {"panel": panel, "fast": fast, "slow": slow, "panel_shapes": np.array([[N_SLOW, N_FAST]] * 2)}
+    terms = ScalingTerms(ScaleModel(1, d_star_sq_max=1 / D_MIN**2), detector=TermSettings(True, 6, 1.0))
+    terms.start(1)
+    terms.observe(obs)
+    terms.finish_setup()
+    co = terms.coordinates(obs, s * s)
+    h = 1 + 0.5 * np.random.default_rng(2).random(len(s))
+    d_true = 1 + 0.1 * (2 * (slow + 0.5) / N_SLOW - 1)  # a tilt along slow: planes are free of the curvature prior
+    terms._add_detector(co, h, d_true * h, np.ones(len(s)))
+    N = terms._dN.reshape(2, 36, 36).copy()
+    return terms._solve_detector().reshape(2, 6, 6), N
+
+
+def test_detector_floor_lifts_only_nodes_without_data(monkeypatch):
+    from diffuse_cli.scaling_terms import detector_floor
+
+    for first_row, lifted_rows in ((0, ()), (20, (0,))):
+        _, N = _detector_solve(monkeypatch, 0.1, first_row)
+        lift = detector_floor(N, 6, 0.1).reshape(2, 6, 6)
+        diag = np.einsum("pkk->pk", N).reshape(2, 6, 6)
+        for r in range(6):
+            if r in lifted_rows:  # no pixel in its support: the prior supplies the floor itself
+                assert np.all(diag[:, r] == 0)
+                w = np.array([0.5, 1, 1, 1, 1, 0.5])
+                expected = 0.1 * 0.5 * w * diag.sum() / (2 * 25.0)  # c_k = ½·w_x (edge row), Σc = 25
+                assert np.allclose(lift[:, r], expected, rtol=1e-9)
+            else:  # corners and edges of a covered panel hold ¼ and ½ of an interior node: no prior
+                assert np.all(lift[:, r] == 0), (first_row, r)
+
+
+def test_detector_nodes_without_data_are_held_not_extrapolated(monkeypatch):
+    held, _ = _detector_solve(monkeypatch, 0.1)
+    extrapolated, _ = _detector_solve(monkeypatch, 0.0)
+    # the empty edge row: without the floor the tilt is extrapolated into it (≈ 0.86), with it d stays nearer 1
+    assert np.all(np.abs(extrapolated[:, 0] - 1) > 0.05)
+    assert np.all(np.abs(held[:, 0] - 1) < 0.55 * np.abs(extrapolated[:, 0] - 1))
+    # the nodes that the data cover are (nearly) unchanged
+    assert np.max(np.abs(held[:, 2:] / extrapolated[:, 2:] - 1)) < 0.005
