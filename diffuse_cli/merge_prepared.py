@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffuse_cli import merge_accumulator as _ma
+from diffuse_cli import merge_compact as _mc
 from diffuse_cli.grid import HKLGrid
 from diffuse_cli.merge_accumulator import MergedMap, voxel_flat
 from diffuse_cli.scaling import FitResult, fit_scale, relax
@@ -53,7 +53,7 @@ def _reference_subset(grid, reference: MergedMap, hkl, I, sig, v1, fit_max_obs, 
 # The scaling passes need, per observation, only its ASU voxel and I, σ, v1:
 # those are computed once per still (prepare_still) and kept, so that a pass
 # is one fit on a fixed subset and one fused accumulation kernel
-# (merge_accumulator._pass) per still.
+# (merge_compact._pass) per still.
 
 #: bytes of prepared observations kept in memory; beyond, stills are written to
 #: temporary .npy files and read back memory-mapped in every pass (≈ 17 bytes per
@@ -68,7 +68,7 @@ class PreparedStill:
     """One still's observations as the scaling passes use them (computed once).
 
     Arrays over the observations inside the ASU range (the others are never
-    merged): ``c`` int32 compact voxel (:func:`compact_tables`), ``side`` int8
+    merged): ``c`` int32 compact voxel (:func:`merge_compact.compact_tables`), ``side`` int8
     Bijvoet side, ``I``, ``sigma``, ``v1`` (variance per intensity, or None),
     ``dss`` (d*², only with a resolution-dependent scale) float32.
     ``n_dropped``: observations outside the range; ``typical``: the still's
@@ -168,14 +168,14 @@ def prepare_still(obs: dict, grid: HKLGrid, table: np.ndarray, hand: np.ndarray 
     if "hkl" in obs:
         hkl = _hkl_of(obs, ops=ops)
         hkl = np.ascontiguousarray(hkl if hkl.dtype in (np.float32, np.float64) else hkl.astype(np.float64))
-        _ma._voxels_hkl(hkl, ndiv.astype(hkl.dtype), offset, shape, table, hd, c, side)
+        _mc._voxels_hkl(hkl, ndiv.astype(hkl.dtype), offset, shape, table, hd, c, side)
         finite_hkl = np.all(np.isfinite(hkl), axis=1)
     else:
         R = np.eye(3)
         for M in ops:
             R = R @ np.asarray(M, dtype=np.float64)
         pix = np.ascontiguousarray(obs["pixel"], dtype=np.int64)
-        _ma._voxels_q(obs["q_unit"], pix, np.ascontiguousarray(obs["hkl_matrix"], dtype=np.float64), R,
+        _mc._voxels_q(obs["q_unit"], pix, np.ascontiguousarray(obs["hkl_matrix"], dtype=np.float64), R,
                       bool(ops), ndiv, offset, shape, table, hd, c, side)
         finite_hkl = True
     I_f = I.astype(np.float64, copy=False)
@@ -327,11 +327,11 @@ def _leave_one_out_prepared(ref_I, ref_sigma, ref_counts, p: PreparedStill, mult
         floor = _floor_weighted(np.asarray(ref_I, dtype=np.float64), p.voxels, float(m[0]), 0.0, 0)
     elif p.v1 is not None:  # model_variance's floor over m·R (0 where no reference)
         e = _buffer("loo", len(p.c))
-        _ma._expected(p.c, ref_I, m, 0.0, e)
+        _mc._expected(p.c, ref_I, m, 0.0, e)
         floor = _floor(e, 0.0, 0)
         del e
     W_own, S_own, n_own = np.zeros(n_c), np.zeros(n_c), np.zeros(n_c, dtype=np.int64)
-    _ma._own_sums(p.c, p.I, p.sigma, np.empty(0) if p.v1 is None else p.v1, m, ref_I, floor,
+    _mc._own_sums(p.c, p.I, p.sigma, np.empty(0) if p.v1 is None else p.v1, m, ref_I, floor,
                   float(reject_limit) if reject_limit else -1.0, W_own, S_own, n_own)
     r = p.fit["c"]
     with np.errstate(divide="ignore", invalid="ignore"):

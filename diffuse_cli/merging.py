@@ -1,7 +1,8 @@
 """Scaling and merging of diffuse.merge: stills streamed onto the hkl grid, refined scales, the map.
 
 Pieces: :mod:`diffuse_cli.merge_accumulator` (the per-voxel sums and the merged
-map), :mod:`diffuse_cli.merge_statistics` (CC1/2, shells),
+map over the P1 box), :mod:`diffuse_cli.merge_compact` (the same per compact ASU
+voxel, for the cached passes), :mod:`diffuse_cli.merge_statistics` (CC1/2, shells),
 :mod:`diffuse_cli.merge_consistency` (which stills may be merged); their
 public names are importable from here too.
 
@@ -22,7 +23,7 @@ detector-ordered pixels), with a numpy ``unique``/``bincount`` fallback
 
 The default (simple model, numba) path reads each still once and keeps its
 sums per compact ASU voxel only; its result is a
-:class:`~diffuse_cli.merge_accumulator.CompactMergedMap` (see
+:class:`~diffuse_cli.merge_compact.CompactMergedMap` (see
 ``scale_and_merge(cached=...)``).
 
 Distributed runs (MPI): every rank accumulates its own stills; the arrays are
@@ -38,9 +39,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from diffuse_cli.grid import HKLGrid
-from diffuse_cli import merge_accumulator as _ma
-from diffuse_cli.merge_accumulator import (HAVE_NUMBA, Accumulator, CompactAccumulator,  # noqa: F401
-                                           MergedMap, compact_tables, merged_from_compact, voxel_flat)
+from diffuse_cli import merge_compact as _mc
+from diffuse_cli.merge_accumulator import HAVE_NUMBA, Accumulator, MergedMap, voxel_flat  # noqa: F401
+from diffuse_cli.merge_compact import CompactAccumulator, compact_tables, merged_from_compact  # noqa: F401
 from diffuse_cli.merge_consistency import (StillIdentity, cell_deviation, cell_of,  # noqa: F401  (re-exported)
                                            change_of_basis_onto, check_stills, still_identity)
 from diffuse_cli.merge_statistics import (anisotropic_part, format_statistics,  # noqa: F401  (re-exported)
@@ -570,7 +571,7 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     mine = list(range(rank, n_stills, size))
     if lut is None:  # no full-grid int64 map: the int32 table and the hand, freed after reading
-        reps, table, hand = _ma.compact_asu(grid, laue, unit_cell, d_min, d_max, friedel=friedel)
+        reps, table, hand = _mc.compact_asu(grid, laue, unit_cell, d_min, d_max, friedel=friedel)
     else:
         lut, hand = _asu_maps(grid, laue, unit_cell, d_min, d_max, lut, friedel)
         reps, table = compact_tables(lut)
@@ -640,13 +641,13 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
                     if not scaled:
                         expected.fill(p.typical)
                     else:
-                        _ma._expected(p.c, ref, 1.0 / factor, p.typical, expected)
+                        _mc._expected(p.c, ref, 1.0 / factor, p.typical, expected)
                     g = 1.0 / factor
                     if scaled and len(g) == 1 and g[0] > 0 and p.voxels is not None:
                         floor = _floor_weighted(ref, p.voxels, float(g[0]), p.typical, p.n_dropped)
                     else:
                         floor = _floor(expected, p.typical, p.n_dropped)
-                acc.n_added += _ma._pass(p.c, p.side, p.I, p.sigma, empty if p.v1 is None else p.v1,
+                acc.n_added += _mc._pass(p.c, p.side, p.I, p.sigma, empty if p.v1 is None else p.v1,
                                          factor, ref, expected, floor, limit if np.isfinite(limit) else 0.0,
                                          int(half[i]), acc.sw, acc.swi, acc.cnt, *acc.stats)
             acc.reduce(comm)
@@ -666,7 +667,7 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
     finally:
         store.close()
         _SCRATCH.clear()
-    merged = _ma.CompactMergedMap(grid, laue, tuple(unit_cell), d_min, d_max, reps, values,
+    merged = _mc.CompactMergedMap(grid, laue, tuple(unit_cell), d_min, d_max, reps, values,
                                   centric=centric, _lut=lut)
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
 

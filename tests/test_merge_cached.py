@@ -122,7 +122,8 @@ def test_compact_leave_one_out_equals_scaling_reference(data):
 def test_voxels_from_detector_q_equal_rounded_hkl_from_q():
     """The compiled q → voxel path rounds exactly as voxel_flat(hkl_from_q(...))."""
     from diffuse_cli.geometry import hkl_from_q
-    from diffuse_cli.merge_accumulator import _voxels_q, voxel_flat
+    from diffuse_cli.merge_accumulator import voxel_flat
+    from diffuse_cli.merge_compact import _voxels_q
 
     grid = HKLGrid.for_resolution(3, (58.4, 58.4, 152.3, 90, 90, 90), 2.5)
     rng = np.random.default_rng(0)
@@ -185,7 +186,7 @@ def test_floor_from_voxel_counts_equals_median_of_every_observation(case):
     g = [1.0 / 3.0, 2.5, 0.7, 1.0, 1e-3, 3.0][case]
     typical = [0.0, 1.3, float(np.nanmedian(np.abs(ref))), 2.0, 0.5, 0.0][case]
     n_typical = [0, 3, 2000, 1, 0, 5][case]
-    expected = np.where(np.isfinite(ref[c]), g * ref[c], typical)  # as merge_accumulator._expected
+    expected = np.where(np.isfinite(ref[c]), g * ref[c], typical)  # as merge_compact._expected
     listed = np.concatenate([expected, np.full(n_typical if typical > 0 else 0, typical)])
     listed = listed[listed > 0]
     truth = 1e-3 * float(np.median(listed)) if listed.size else 1e-12

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from diffuse_cli import merge_accumulator as ma
+from diffuse_cli import merge_compact as mc
 from diffuse_cli.grid import HKLGrid
 from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map
 
@@ -20,18 +21,18 @@ def test_compact_asu_equals_the_tables_of_grid_asu_map(symbol, cell):
     grid = HKLGrid.for_resolution(2, cell, 3.0)
     laue = LaueSymmetry(symbol)
     lut, hand = grid_asu_map(grid, laue, cell, d_min=3.0, d_max=15.0, return_hand=True)
-    reps, table = ma.compact_tables(lut)
-    r2, t2, h2 = ma.compact_asu(grid, laue, cell, d_min=3.0, d_max=15.0, chunk=1000)
+    reps, table = mc.compact_tables(lut)
+    r2, t2, h2 = mc.compact_asu(grid, laue, cell, d_min=3.0, d_max=15.0, chunk=1000)
     np.testing.assert_array_equal(reps, r2)
     np.testing.assert_array_equal(table, t2)
     np.testing.assert_array_equal(hand, h2)
-    assert t2.dtype == np.int32 and ma.compact_asu(grid, laue, cell, d_min=3.0, friedel=False)[2] is None
+    assert t2.dtype == np.int32 and mc.compact_asu(grid, laue, cell, d_min=3.0, friedel=False)[2] is None
 
 
 def _compact_map(symbol, cell, seed=0):
     grid = HKLGrid.for_resolution(2, cell, 3.0)
     laue = LaueSymmetry(symbol)
-    reps, _, hand = ma.compact_asu(grid, laue, cell, d_min=3.0)
+    reps, _, hand = mc.compact_asu(grid, laue, cell, d_min=3.0)
     rng = np.random.default_rng(seed)
     n = len(reps)
     I = rng.normal(10, 3, n)
@@ -39,7 +40,7 @@ def _compact_map(symbol, cell, seed=0):
     values = {"I": I, "sigma": rng.uniform(0.5, 2, n), "counts": np.where(np.isfinite(I), rng.integers(1, 9, n), 0),
               "half_I": [(I + rng.normal(0, 1, n)).astype(np.float32) for _ in range(2)],
               "friedel_I": [(I + rng.normal(0, 1, n)).astype(np.float32) for _ in range(2)]}
-    return ma.CompactMergedMap(grid, laue, cell, 3.0, None, reps, values, centric=hand[reps] == 0)
+    return mc.CompactMergedMap(grid, laue, cell, 3.0, None, reps, values, centric=hand[reps] == 0)
 
 
 @pytest.mark.parametrize("symbol,cell", CASES)
