@@ -260,10 +260,10 @@ def six_m_child(work: pathlib.Path, n_shots: int) -> None:
     bz2_of = [len(bz2.compress(p.read_bytes(), 9)) for p in images]  # shot i is image i % len(images)
     t_read, t_ex, t_co, sizes = [], [], [], []
     for i, (expt, ref) in enumerate(zip(el, refs)):
-        # the image read alone (extraction.raw_counts: diffuse_cli.image_read for multi-panel CBF;
-        # extract_still's own read below then comes from its cache of the last image)
+        # the image read alone (image_read.raw_panels, what extract_still reads: the panels, not
+        # joined; its own read below then comes from the reader's cache of the last image)
         c0 = time.process_time()
-        ex.raw_counts(expt.imageset, ref.image_index)
+        ex.image_read.raw_panels(expt.imageset, ref.image_index)
         t_read.append(time.process_time() - c0)
         c0 = time.process_time()
         geometry = cache.get(expt.detector, expt.beam)

@@ -302,6 +302,61 @@ def trusted_mask(detector, counts: np.ndarray, geometry: DetectorGeometry) -> np
     return out
 
 
+def _select_used(counts, mask, start, lo, hi, stride, used, out, n_out, sample, n_sample):
+    """One panel: used[start + i] = mask[start + i] and lo < counts[i] < hi; the used
+    counts appended to out (from n_out), those at pixels ≡ 0 (mod stride) to
+    sample (from n_sample). Returns (n_out, n_sample)."""
+    for i in range(counts.size):
+        c = counts[i]
+        u = mask[start + i] and c > lo and c < hi
+        used[start + i] = u
+        if u:
+            out[n_out] = c
+            n_out += 1
+            if (start + i) % stride == 0:
+                sample[n_sample] = c
+                n_sample += 1
+    return n_out, n_sample
+
+
+if image_read.numba is not None:
+    _select_used = image_read.numba.njit(nogil=True, cache=True)(_select_used)
+
+
+def used_counts(detector, panels, mask: np.ndarray, stride: int) -> tuple:
+    """(used, counts[used], counts[::stride][used[::stride]]) of an image given
+    per panel (flat pixel order across ``panels``): used = mask and dxtbx's
+    trusted-range test (:func:`trusted_mask`), in one pass (numba) without
+    joining the panels; numpy's result without numba."""
+    if image_read.numba is None:  # pragma: no cover - exercised only without numba
+        counts = np.concatenate([np.ravel(a) for a in panels])
+        used = np.empty(counts.shape, dtype=bool)
+        start = 0
+        for a, panel in zip(panels, detector):
+            lo, hi = panel.get_trusted_range()
+            sl = slice(start, start + a.size)
+            np.greater(counts[sl], lo, out=used[sl])
+            used[sl] &= counts[sl] < hi
+            start += a.size
+        used &= mask
+        return used, counts[used], counts[::stride][used[::stride]]
+    dtype = np.result_type(*[a.dtype for a in panels])
+    used = np.empty(mask.size, dtype=bool)
+    out = np.empty(mask.size, dtype=dtype)
+    sample = np.empty(-(-mask.size // stride), dtype=dtype)
+    n_out = n_sample = start = 0
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    for a, panel in zip(panels, detector):
+        lo, hi = panel.get_trusted_range()
+        flat = np.ravel(a)
+        if flat.dtype != dtype:
+            flat = flat.astype(dtype)
+        n_out, n_sample = _select_used(flat, mask, start, float(lo), float(hi), stride, used, out, n_out,
+                                       sample, n_sample)
+        start += flat.size
+    return used, out[:n_out], sample[:n_sample].copy()
+
+
 def exposure_time(experiment, image_index: int) -> float:
     """Exposure time (s) of an image (index within the experiment's imageset).
 
@@ -367,19 +422,20 @@ def extract_still(experiment, ref: StillRef, mask: np.ndarray, geometry: Detecto
     image's trusted range. The setting matrix is ``setting_matrix`` of the
     experiment at the frame (stills: A = UB).
     """
-    counts = raw_counts(experiment.imageset, ref.image_index)
-    if counts.size != geometry.n_pixels:
-        raise Sorry(f"{ref.name}: image has {counts.size} pixels, geometry {geometry.n_pixels}")
-    if mask.size != counts.size:
-        raise Sorry(f"{ref.name}: mask has {mask.size} pixels, image {counts.size}")
-    used = trusted_mask(experiment.detector, counts, geometry)
-    used &= mask
+    panels = image_read.raw_panels(experiment.imageset, ref.image_index)
+    n_pixels = sum(a.size for a in panels)
+    if n_pixels != geometry.n_pixels or len(panels) != len(experiment.detector):
+        raise Sorry(f"{ref.name}: image has {n_pixels} pixels in {len(panels)} panels, "
+                    f"geometry {geometry.n_pixels} in {len(experiment.detector)}")
+    if mask.size != n_pixels:
+        raise Sorry(f"{ref.name}: mask has {mask.size} pixels, image {n_pixels}")
+    # the summary sample of diffuse.correct (formats.extract.sample_pixels)
+    used, counts, sample = used_counts(experiment.detector, panels, mask, SAMPLE_STRIDE)
     A = setting_matrix(experiment.crystal, experiment.goniometer, experiment.scan, ref.frame)
-    stride = SAMPLE_STRIDE  # the summary sample of diffuse.correct (formats.extract.sample_pixels)
     return {
         "mask": used,
-        "counts": counts[used],
-        "sample": counts[::stride][used[::stride]],
+        "counts": counts,
+        "sample": sample,
         "A": A,
         "exposure_time": exposure_time(experiment, ref.image_index),
         "geometry_key": geometry.key,
@@ -509,8 +565,8 @@ def _extract_still_entry(ref: StillRef, path: str, entry: dict) -> dict:
                   **provenance.npz_fields(key, parts))
     entry.update(
         status="extracted",
-        n_used=int(arrays["mask"].sum()),
-        fraction_used=float(arrays["mask"].mean()),
+        n_used=int(arrays["counts"].size),  # = mask.sum(), without another pass
+        fraction_used=arrays["counts"].size / arrays["mask"].size,
         exposure_time=arrays["exposure_time"],
         seconds=time.perf_counter() - t0,
     )

@@ -25,9 +25,12 @@ tests. Fields:
   image fingerprint, mask-file fingerprints, experiment fingerprint; see
   :mod:`diffuse_cli.provenance`).
 
-The npz itself is stored (no zip deflate): the two big arrays are deflated
-with zlib's run-length strategy (faster than level-1 LZ77 on counts and
-smaller). :func:`read_extract_arrays` returns ``mask_bits`` decoded for every
+The npz itself is stored (no zip deflate): the two big arrays are zlib
+streams: the mask and nibble counts deflated with zlib's run-length strategy
+(faster than level-1 LZ77 on counts and smaller), byte and delta counts of
+≥ FAST_DEFLATE_MIN pixels by ISA-L (``isal.isal_zlib`` level 1: a standard
+zlib stream, about 5× faster than zlib at the same size on noisy counts; any
+zlib reads it). :func:`read_extract_arrays` returns ``mask_bits`` decoded for every
 schema, and :func:`unpack_counts` the exact counts.
 
 ``diffuse.extract/2`` and ``/1`` files (/1: no ``s0``: the geometry's beam is
@@ -103,6 +106,19 @@ def _deflate(data) -> np.ndarray:
     return np.frombuffer(c.compress(raw) + c.flush(), dtype=np.uint8)
 
 
+#: byte / delta streams at least this long are deflated by ISA-L (:func:`_fast_deflate`)
+FAST_DEFLATE_MIN = 1 << 16
+
+
+def _fast_deflate(data) -> np.ndarray:
+    """zlib stream (ISA-L level 1) of an array's bytes, as uint8. High, noisy counts
+    have few runs for zlib's RLE or LZ77 to find; ISA-L codes them about 5× faster
+    than zlib, to the same size."""
+    from isal import isal_zlib
+
+    return np.frombuffer(isal_zlib.compress(np.ascontiguousarray(data), 1), dtype=np.uint8)
+
+
 def _inflate(stream, dtype) -> np.ndarray:
     return np.frombuffer(zlib.decompress(np.asarray(stream, dtype=np.uint8)), dtype=dtype)
 
@@ -125,6 +141,42 @@ def _delta_zigzag(counts: np.ndarray) -> np.ndarray:
         return z.view(np.uint32)
     c = counts.astype(np.int64)
     return _zigzag(np.diff(c, prepend=0))
+
+
+def _delta_symbols_py(counts, stream, escaped):
+    """The ``delta`` codec's symbols min(z, 255) into ``stream`` and the escaped
+    z ≥ 255 into ``escaped`` (returns their number), z the zig-zag of
+    c[i] − c[i−1] (c[−1] = 0): :func:`_delta_zigzag` and the escape in one pass."""
+    prev = 0
+    n_escaped = 0
+    for i in range(counts.size):
+        c = np.int64(counts[i])
+        d = c - prev
+        prev = c
+        z = (d << 1) ^ (d >> 63)
+        if z >= 255:
+            stream[i] = 255
+            escaped[n_escaped] = z
+            n_escaped += 1
+        else:
+            stream[i] = z
+    return n_escaped
+
+
+_DELTA_KERNEL: list = []
+
+
+def _delta_kernel():
+    """The compiled :func:`_delta_symbols_py` (numba: 4 ms instead of 32 ms of numpy for
+    6 M counts), or None without numba; imported on first use (readers need no numba)."""
+    if not _DELTA_KERNEL:
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - depends on the installation
+            _DELTA_KERNEL.append(None)
+        else:
+            _DELTA_KERNEL.append(numba.njit(nogil=True, cache=True)(_delta_symbols_py))
+    return _DELTA_KERNEL[0]
 
 
 def _entropy_bits(symbols: np.ndarray, escape: int) -> float:
@@ -187,12 +239,17 @@ def pack_counts(counts: np.ndarray, name: str = "counts") -> dict:
         sym[n:] = 0
         escaped = counts[sym[:n] == NIBBLE_ESCAPE]
         stream = sym[0::2] | (sym[1::2] << 4)
+    elif codec == "delta" and counts.dtype == np.int32 and _delta_kernel() is not None:
+        stream = np.empty(n, dtype=np.uint8)
+        escaped = np.empty(n, dtype=np.int64)
+        escaped = escaped[: _delta_kernel()(np.ascontiguousarray(counts), stream, escaped)].copy()
     else:
         values = counts if codec == "byte" else _delta_zigzag(counts)
         stream = np.empty(n, dtype=np.uint8)
         np.minimum(values, 255, out=stream, casting="unsafe")
         escaped = values[stream == 255]
-    return {f"{name}_n": np.int64(n), f"{name}_codec": np.array(codec), f"{name}_stream": _deflate(stream),
+    deflated = _deflate(stream) if codec == "nibble" or n < FAST_DEFLATE_MIN else _fast_deflate(stream)
+    return {f"{name}_n": np.int64(n), f"{name}_codec": np.array(codec), f"{name}_stream": deflated,
             f"{name}_escaped": _deflate(escaped.astype(np.int64 if codec == "delta" else np.int32))}
 
 
