@@ -34,9 +34,10 @@ RIDGE = 1e-8  # keeps nodes without data (and without curvature) determined
 # Fitted against the other stills (leave_one_out), d at a pixel is corrected from the
 # pixels of other stills that saw the same voxels, which lie on the same |s| ring; where
 # a ring crosses the detector in two separate arcs (the outer corners), the ring
-# constraint leaves their difference, which flips sign every pass (eigenvalue −1).
-# For iteration eigenvalues in [−1, 0], s = 1/3 is the optimal damping (|error| × 1/3 a pass).
-DETECTOR_OWN_SHARE = 1.0 / 3.0
+# constraint leaves their difference, which flips sign every pass. A share s maps an
+# iteration eigenvalue λ to s + (1 − s)λ, stable for s > (−1 − λ)/(1 − λ); the real
+# nuclease sweep has λ ≈ −2.6 (s = 1/3 diverged there), so s = 2/3 (docs/merge.md).
+DETECTOR_OWN_SHARE = 2.0 / 3.0
 # Least information of a detector node (diagonal of d's normal matrix) as a share of what
 # it would hold if the data covered its support like the average node: a node below it
 # gets a prior towards 1 that makes up the difference (detector_floor, docs/merge.md).
