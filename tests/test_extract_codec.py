@@ -1,5 +1,5 @@
 """The fast extract write path, each against an independent implementation:
-ISA-L's zlib streams read back by zlib itself, the one-pass delta symbols
+zlib-ng's Huffman-only streams read back by zlib itself, the one-pass delta symbols
 against numpy, and the one-pass used-pixel selection against numpy."""
 
 import zlib
