@@ -51,7 +51,7 @@ class SyntheticStills:
         from test_merge_common import symmetric_truth
 
         from diffuse_cli.grid import HKLGrid
-        from diffuse_cli.ambiguity import ambiguity_operators
+        from diffuse_cli.ambiguity_cosets import ambiguity_operators
         from diffuse_cli.symmetry import LaueSymmetry, b_matrix
 
         rng = np.random.default_rng(seed)

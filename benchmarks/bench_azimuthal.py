@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 import diffuse_cli  # noqa: F401,E402
 from diffuse_cli import azimuthal as az  # noqa: E402
+from diffuse_cli import azimuthal_pixels as azp  # noqa: E402
 from diffuse_cli import pyfai_glue  # noqa: E402
 
 N_BINS = 500
@@ -97,7 +98,7 @@ def main():
         n_pix = sum(p.get_image_size()[0] * p.get_image_size()[1] for p in det)
 
         t = time.perf_counter()
-        pixels = az.DetectorPixels.from_models(det, beam)
+        pixels = azp.DetectorPixels.from_models(det, beam)
         t_geom = time.perf_counter() - t
         t = time.perf_counter()
         binning = az.radial_binning(pixels, n_bins=N_BINS)
@@ -109,7 +110,7 @@ def main():
         for i, raw in enumerate(raws):
             for _ in range(args.repeats if i else 1):
                 t = time.perf_counter()
-                image = az.ImageData(raw, pixels)
+                image = azp.ImageData(raw, pixels)
                 prof = binning.profile(image)
                 ours.append((i, time.perf_counter() - t))
             profiles.append(prof)
@@ -121,7 +122,7 @@ def main():
 
         ai_args = dict(unit="q_A^-1", radial_range=(lo, hi), correctSolidAngle=False, polarization_factor=None)
         shape = pixels.panel_shapes[0]
-        datas = [az.flatten_panels(r).reshape(shape).astype(np.float32) for r in raws]
+        datas = [azp.flatten_panels(r).reshape(shape).astype(np.float32) for r in raws]
         tlo, thi = det[0].get_trusted_range()
         masks = [~((d > tlo) & (d < thi)) for d in datas]
         results = []

@@ -9,126 +9,22 @@ by maximising pairwise correlations of their anisotropic (shell-mean
 subtracted) intensities (Brehm & Diederichs 2014, Acta D70:101).
 
 Operators are row-vector reciprocal-space matrices, as in :mod:`diffuse_cli.symmetry`.
+The operators (:func:`~diffuse_cli.ambiguity_cosets.ambiguity_operators`) are in
+:mod:`diffuse_cli.ambiguity_cosets`, the all-pairs solver in :mod:`diffuse_cli.ambiguity_pairwise`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 import diffuse_cli  # noqa: F401  (DIALS environment)
-from diffuse_cli.symmetry import LaueSymmetry, _rot_as_int, _uc, grid_asu_map, reciprocal_metric
+from diffuse_cli.ambiguity_cosets import Ambiguity
+from diffuse_cli.ambiguity_pairwise import _mean_cc, _pairwise_from_csr, pairwise_correlations, resolve_ambiguity
+from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map, reciprocal_metric
 
 logger = logging.getLogger("diffuse.ambiguity")
-
-
-def _op_string(m: np.ndarray) -> str:
-    """Row-vector operator h' = h @ m as a cctbx-style 'k,h,-l' string."""
-    names = "hkl"
-    parts = []
-    for j in range(3):
-        terms = []
-        for i in range(3):
-            c = int(m[i, j])
-            if c == 0:
-                continue
-            sign = "-" if c < 0 else "+"
-            mag = "" if abs(c) == 1 else f"{abs(c)}*"
-            terms.append(f"{sign}{mag}{names[i]}")
-        s = "".join(terms)
-        parts.append(s[1:] if s.startswith("+") else s)
-    return ",".join(parts)
-
-
-def lattice_rotations(unit_cell, max_delta: float = 3.0) -> np.ndarray:
-    """Operators (n, 3, 3) of the lattice point group (holohedry, with −1), in the cell's basis.
-
-    The lattice symmetry is found by cctbx on the Niggli cell
-    (``sgtbx.lattice_symmetry_group``, obliquity tolerance ``max_delta`` degrees)
-    and transformed back to the setting of ``unit_cell``.
-    """
-    from cctbx import crystal, sgtbx
-
-    cs = crystal.symmetry(unit_cell=_uc(unit_cell), space_group_symbol="P1")
-    cb = cs.change_of_basis_op_to_niggli_cell()
-    niggli = cs.change_basis(cb)
-    group = sgtbx.lattice_symmetry_group(niggli.unit_cell(), max_delta=max_delta)
-    group = group.change_basis(cb.inverse())
-    mats = {}
-    for smx in group.all_ops():
-        m = _rot_as_int(smx.r())
-        # cctbx gives the proper rotations; the lattice is centrosymmetric
-        for x in (m, -m):
-            mats[x.tobytes()] = x
-    return np.array(list(mats.values()), dtype=np.int64)
-
-
-def _key(m):
-    return np.asarray(m, dtype=np.int64).tobytes()
-
-
-@dataclass
-class Ambiguity:
-    """Indexing ambiguity operators (coset representatives), identity first."""
-
-    operators: np.ndarray  # (k, 3, 3) int, h' = h @ M
-    laue: LaueSymmetry
-
-    @property
-    def n(self) -> int:
-        return len(self.operators)
-
-    def names(self) -> list[str]:
-        return [_op_string(m) for m in self.operators]
-
-    def coset_of(self, m: np.ndarray) -> int:
-        """Index of the coset (operator) that ``m`` belongs to."""
-        m = np.asarray(m, dtype=np.int64)
-        for a, rep in enumerate(self.operators):
-            # m ∈ L·rep  <=>  m @ rep⁻¹ ∈ L
-            x = np.rint(m @ np.linalg.inv(rep)).astype(np.int64)
-            if any(np.array_equal(x, r) for r in self.laue.rotations):
-                return a
-        raise ValueError("operator is not in the lattice group")
-
-    def product_table(self) -> np.ndarray:
-        """table[a, b] = coset of M_a @ M_b (apply a, then b)."""
-        k = self.n
-        t = np.zeros((k, k), dtype=np.int64)
-        for a in range(k):
-            for b in range(k):
-                t[a, b] = self.coset_of(self.operators[a] @ self.operators[b])
-        return t
-
-    def inverse(self, a: int) -> int:
-        return self.coset_of(np.rint(np.linalg.inv(self.operators[a])).astype(np.int64))
-
-
-def ambiguity_operators(unit_cell, laue: LaueSymmetry, max_delta: float = 3.0) -> Ambiguity:
-    """Coset representatives of the Laue group in the lattice point group.
-
-    One operator (identity) means no indexing ambiguity.
-    """
-    lattice = lattice_rotations(unit_cell, max_delta=max_delta)
-    laue_keys = {_key(r) for r in laue.rotations}
-    for r in laue.rotations:
-        if not any(np.array_equal(r, m) for m in lattice):
-            raise ValueError(
-                f"space group {laue.symbol} is not compatible with the cell {unit_cell}"
-            )
-    reps = [np.eye(3, dtype=np.int64)]
-    covered = set(laue_keys)
-    # proper rotations first, so representatives are rotations where possible
-    order = sorted(lattice, key=lambda m: (round(np.linalg.det(m)) < 0, np.abs(m - np.eye(3)).sum()))
-    for m in order:
-        if _key(m) in covered:
-            continue
-        reps.append(m)
-        for r in laue.rotations:
-            covered.add(_key(r @ m))
-    return Ambiguity(np.array(reps, dtype=np.int64), laue)
 
 
 def still_features(hkl, intensity, ambiguity: Ambiguity, grid, lut, shell_of_voxel):
@@ -161,112 +57,6 @@ def still_features(hkl, intensity, ambiguity: Ambiguity, grid, lut, shell_of_vox
         rms = np.sqrt(np.mean(x * x)) if len(x) else 0.0
         out.append((uniq, x / rms if rms > 0 else x))
     return out
-
-
-def pairwise_correlations(features: list, n_ops: int, n_voxels: int, min_overlap: int = 10):
-    """CC[a, b, i, j]: correlation of still i under op a with still j under op b.
-
-    Computed on the common voxels of each pair via sparse products. Also
-    returns the overlap counts N[a, b, i, j]. Pairs with fewer than
-    ``min_overlap`` common voxels get CC = 0.
-    """
-    import scipy.sparse as sp
-
-    n = len(features)
-    X = []
-    for a in range(n_ops):
-        rows = np.concatenate([np.full(len(f[a][0]), i) for i, f in enumerate(features)])
-        cols = np.concatenate([f[a][0] for f in features])
-        vals = np.concatenate([f[a][1] for f in features])
-        X.append(sp.csr_matrix((vals, (rows, cols)), shape=(n, n_voxels)))
-    return _pairwise_from_csr(X, min_overlap)
-
-
-def _pairwise_from_csr(X: list, min_overlap: int = 10):
-    """:func:`pairwise_correlations` from one (n_stills, n_voxels) CSR matrix per operator."""
-    n_ops, n = len(X), X[0].shape[0]
-    M = []
-    for x in X:
-        m = x.copy()
-        m.data = np.ones_like(m.data)
-        M.append(m)
-    X2 = [x.multiply(x) for x in X]
-    cc = np.zeros((n_ops, n_ops, n, n))
-    cnt = np.zeros((n_ops, n_ops, n, n))
-    for a in range(n_ops):
-        for b in range(n_ops):
-            num = (X[a] @ X[b].T).toarray()
-            ssa = (X2[a] @ M[b].T).toarray()
-            ssb = (M[a] @ X2[b].T).toarray()
-            nab = (M[a] @ M[b].T).toarray()
-            with np.errstate(invalid="ignore", divide="ignore"):
-                c = num / np.sqrt(ssa * ssb)
-            c[~np.isfinite(c) | (nab < min_overlap)] = 0.0
-            cc[a, b] = c
-            cnt[a, b] = nab
-    return cc, cnt
-
-
-def resolve_ambiguity(cc: np.ndarray, cnt: np.ndarray, ambiguity: Ambiguity,
-                      n_starts: int = 10, seed: int = 0, max_sweeps: int = 50):
-    """Choose one operator per still maximising the summed pairwise correlation.
-
-    cc, cnt: from :func:`pairwise_correlations`. Score of an assignment x:
-    Σ_{i≠j} w_ij CC[x_i, x_j, i, j] with w_ij = sqrt(max(N_ij − 3, 0))
-    (Fisher-z style weight). Optimised by coordinate ascent (Gauss-Seidel
-    over stills, not observations) from the all-identity start, a spectral
-    start (two operators: sign of the leading eigenvector of CC_same − CC_other)
-    and random starts; the best score wins. The result is relabelled so that
-    the largest group of stills keeps its indexing (operator 0).
-
-    Returns (assignment (n,) int, score).
-    """
-    k = ambiguity.n
-    n = cc.shape[-1]
-    if k == 1 or n == 0:
-        return np.zeros(n, dtype=np.int64), 0.0
-    w = np.sqrt(np.clip(cnt - 3.0, 0.0, None))
-    wcc = w * cc
-    for a in range(k):
-        for b in range(k):
-            np.fill_diagonal(wcc[a, b], 0.0)
-    rng = np.random.default_rng(seed)
-    starts = [np.zeros(n, dtype=np.int64)]
-    if k == 2:
-        r = wcc[0, 0] - wcc[0, 1]
-        r = 0.5 * (r + r.T)
-        vals, vecs = np.linalg.eigh(r)
-        starts.append((vecs[:, -1] < 0).astype(np.int64))
-    starts += [rng.integers(0, k, n) for _ in range(n_starts)]
-
-    def score(x):
-        return float(wcc[x[:, None], x[None, :], np.arange(n)[:, None], np.arange(n)[None, :]].sum())
-
-    best, best_score = None, -np.inf
-    for x in starts:
-        x = x.copy()
-        for _ in range(max_sweeps):
-            changed = False
-            for i in rng.permutation(n):
-                # gain of each operator a for still i, with the others fixed
-                g = wcc[:, x, i, np.arange(n)].sum(axis=1)
-                a = int(np.argmax(g))
-                if g[a] > g[x[i]] + 1e-12:
-                    x[i] = a
-                    changed = True
-            if not changed:
-                break
-        s = score(x)
-        if s > best_score + 1e-9:
-            best, best_score = x, s
-    # relabel: apply a global operator G so the most stills end at identity.
-    table = ambiguity.product_table()
-    candidates = []
-    for g in range(k):
-        y = table[best, g]
-        candidates.append((np.sum(y == 0), -g, y))
-    best = max(candidates, key=lambda t: (t[0], t[1]))[2]
-    return best.astype(np.int64), best_score
 
 
 def ambiguity_grid(laue: LaueSymmetry, unit_cell, d_min: float, d_max: float | None = None,
@@ -417,14 +207,6 @@ def _mean_features(features: list, n_ops: int) -> list:
         uniq, inv = np.unique(ids, return_inverse=True)
         out.append((uniq, np.bincount(inv, vals) / np.bincount(inv)))
     return out
-
-
-def _mean_cc(cc, cnt, x, min_overlap):
-    n = len(x)
-    i, j = np.triu_indices(n, 1)
-    c = cc[x[i], x[j], i, j]
-    m = cnt[x[i], x[j], i, j] >= min_overlap
-    return float(np.mean(c[m])) if m.any() else float("nan")
 
 
 # ------------------------------------------------ ambiguity at scale (10⁵ stills)

@@ -19,6 +19,7 @@ import pickle
 import numpy as np
 
 from diffuse_cli import azimuthal as az
+from diffuse_cli import azimuthal_pixels as azp
 from diffuse_cli import dials_compat
 from diffuse_cli import profile_fitting as pf
 from diffuse_cli import program
@@ -90,7 +91,7 @@ class GeometryCache:
                 return entry
         self.n_computed += 1
         logger.info("Computing pixel geometry %d (%d panels)", self.n_computed, len(detector))
-        pixels = az.DetectorPixels.from_models(detector, beam)
+        pixels = azp.DetectorPixels.from_models(detector, beam)
         try:
             mask = pixels.flat_mask(self.user_mask)
             if ext is not None:
@@ -277,7 +278,7 @@ def process_image(ordinal: int) -> list[dict]:
             except ValueError as e:
                 raise Sorry(f"corrections.apply=True needs the exposure time ({e}); or set corrections.apply=False")
         multiplier = entry["multiplier"] * (1.0 / t)
-    image = az.ImageData(program.read_raw_data(iset, index), entry["pixels"], multiplier=multiplier)
+    image = azp.ImageData(program.read_raw_data(iset, index), entry["pixels"], multiplier=multiplier)
     value = st["series_values"][ordinal]
     base = {"image": os.path.basename(iset.get_path(index)), "image_index": index, params.series.name: value,
             "corrections": entry["corrections"]}
@@ -338,7 +339,7 @@ def run_azimuthal_fit(experiments, params) -> list[dict]:
         if not os.path.exists(params.input.mask):
             raise Sorry(f"File not found: {params.input.mask}")
         try:
-            user_mask = az.read_mask(params.input.mask)
+            user_mask = azp.read_mask(params.input.mask)
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as e:
             raise Sorry(f"{params.input.mask}: not a DIALS mask ({type(e).__name__})")
     reserved = {"image", "image_index", "profile", "q_inv_angstrom", "corrections"} | set(pf.FitResult("x", True).row())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffuse_cli import azimuthal as az
+from diffuse_cli import azimuthal_pixels as azp
 from diffuse_cli import geometry
 
 
@@ -37,7 +38,7 @@ def pixel_q_components(detector, beam, field_direction):
     par, perp = [], []
     for panel in detector:
         s1 = geometry.s1_from_lab(geometry.pixel_lab_coordinates(panel).reshape(-1, 3), beam.get_wavelength())
-        q = az.TWO_PI * geometry.q_from_s1(s1, s0)
+        q = azp.TWO_PI * geometry.q_from_s1(s1, s0)
         par.append(q @ b)
         perp.append(q @ e)
     return np.concatenate(par), np.concatenate(perp)

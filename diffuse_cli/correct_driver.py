@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 import diffuse_cli  # noqa: F401  (DIALS environment before libtbx)
-from diffuse_cli import corrections, dials_compat, image_read, program, provenance
+from diffuse_cli import corrections, detector_corrections, dials_compat, image_read, program, provenance
 from diffuse_cli.formats import background as background_format
 from diffuse_cli.formats import corrected as corrected_format
 from diffuse_cli.formats import extract as extract_format
@@ -41,7 +41,7 @@ def find_extracted(paths) -> list[str]:
     return program.unique_paths(files)
 
 
-def correction_options(params) -> corrections.CorrectionOptions:
+def correction_options(params) -> detector_corrections.CorrectionOptions:
     kapton = None
     if params.kapton.apply:
         kapton = corrections.KaptonParams(
@@ -50,7 +50,7 @@ def correction_options(params) -> corrections.CorrectionOptions:
             half_width_mm=params.kapton.half_width_mm,
             rotation_angle_deg=params.kapton.rotation_angle_deg,
         )
-    return corrections.CorrectionOptions(
+    return detector_corrections.CorrectionOptions(
         solid_angle_exact=params.solid_angle.exact,
         polarization=params.polarization.apply,
         efficiency=params.sensor.efficiency,
@@ -138,7 +138,7 @@ def make_factors(path, key, detector, beam, geometry_file, options, **provenance
     path lengths of the λ-dependent ones (air, sensor, Kapton) and, for
     ``beam``'s wavelength (the reference), every multiplier and their
     product ``total``. Pixel positions are rebuilt from the cached ŝ1
-    (corrections.geometry_from_s1) after checking, on a sparse grid of pixels
+    (detector_corrections.geometry_from_s1) after checking, on a sparse grid of pixels
     of every panel, that the experiments give the same directions as the
     cache (i.e. they are the experiments extract used).
     """
@@ -164,22 +164,22 @@ def make_factors(path, key, detector, beam, geometry_file, options, **provenance
         view = cache.for_beam(beam)
     except ValueError as e:
         raise Sorry(f"{geometry_file}: {e}")
-    geometry = corrections.geometry_from_s1(detector, view.s1_unit.astype(np.float64) / view.wavelength, view.s0)
+    geometry = detector_corrections.geometry_from_s1(detector, view.s1_unit.astype(np.float64) / view.wavelength, view.s0)
     try:
-        m = corrections.detector_multipliers(detector, beam, options, geometry=geometry)
-        paths = corrections.path_lengths(detector, beam, geometry, options)
-        coefficients = corrections.wavelength_coefficients(detector, beam.get_wavelength(), options)
+        m = detector_corrections.detector_multipliers(detector, beam, options, geometry=geometry)
+        paths = detector_corrections.path_lengths(detector, beam, geometry, options)
+        coefficients = detector_corrections.wavelength_coefficients(detector, beam.get_wavelength(), options)
     except ValueError as e:
         raise Sorry(str(e))
     factors_format.write_factors(path, geometry_key=key, view=view, multipliers=m,
-                                  names=corrections.MULTIPLIER_NAMES, paths=paths, coefficients=coefficients,
+                                  names=detector_corrections.MULTIPLIER_NAMES, paths=paths, coefficients=coefficients,
                                   **provenance_fields)
     return m
 
 
 def log_factors(key: str, m: dict) -> None:
     lines = [f"Corrections for detector {key} ({len(m['total'])} pixels), multipliers min / median / max:"]
-    for name in (*corrections.MULTIPLIER_NAMES, "total"):
+    for name in (*detector_corrections.MULTIPLIER_NAMES, "total"):
         if name != "total" and name not in m["applied"]:
             lines.append(f"  {name:12s} not applied")
             continue
@@ -248,15 +248,43 @@ def correct_still(task: dict) -> dict:
         return {"still": still_name(task["source"]), "status": "failed", "reason": str(e)}
 
 
-#: the fields of an extract file diffuse.correct reads
+#: the fields of an extract file diffuse.correct reads: /3 files keep the number of
+#: counts in their header, so the 3 MB count stream of a 6M-pixel still is not read
 CORRECT_READS = ("n_pixels", "mask_bits", "name", "exposure_time", "geometry_key", "image_path", "image_index",
-                 "frame", *extract_format.COUNT_ARRAYS, *extract_format.SAMPLE_ARRAYS)
+                 "frame", "counts_n", *extract_format.SAMPLE_ARRAYS)
+
+
+def _read_extract(src) -> dict:
+    """The extract's arrays diffuse.correct needs: CORRECT_READS, and the counts
+    themselves when the file has no count of them or no sample (/1, /2 files;
+    non-integral counts)."""
+    ex = extract_format.read_extract_arrays(src, fields=CORRECT_READS)
+    if "counts_n" not in ex or not extract_format.has_sample(ex):
+        ex.update(extract_format.read_extract_arrays(src, fields=("mask_bits", *extract_format.COUNT_ARRAYS)))
+    return ex
+
+
+def _sampled(factors: dict) -> dict:
+    """The per-detector arrays at the sampled pixels (every SAMPLE_STRIDE-th pixel,
+    formats.extract.sample_pixels), made once per detector and kept with them:
+    a still's sample then gathers from 85 k contiguous values, not from 6 M (cache
+    misses). ``panel_offsets`` in sampled-pixel units (ceil(offset / stride):
+    sampled pixel k is in panel i when offset_i ≤ stride·k < offset_i+1)."""
+    if "sampled" not in factors:
+        stride = extract_format.SAMPLE_STRIDE
+        factors["sampled"] = {
+            "total": np.ascontiguousarray(factors["total"][::stride]),
+            "direction": np.ascontiguousarray(factors["direction"][::stride]),
+            "paths": {k: np.ascontiguousarray(v[::stride]) for k, v in factors["paths"].items()},
+            "panel_offsets": -(-np.asarray(factors["panel_offsets"]) // stride),
+        }
+    return factors["sampled"]
 
 
 def _correct_one(task: dict) -> dict:
     src, out = task["source"], task["output"]
-    # what this needs, no more (the counts stay encoded; /1, /2 files: decoded below)
-    ex = extract_format.read_extract_arrays(src, fields=CORRECT_READS)
+    # what this needs, no more (the counts stay encoded)
+    ex = _read_extract(src)
     try:
         n_used = corrections.count_used(ex["mask_bits"], ex["n_pixels"])
     except ValueError as e:
@@ -279,7 +307,7 @@ def _correct_one(task: dict) -> dict:
         normalisation=np.array(task["normalisation"]),
         normalisation_value=np.float64(norm),
         # the shot's attenuation coefficients, when not the factors file's (another wavelength)
-        **({} if task["at_reference"] else {"attenuation_mu_per_mm": corrections.pack_coefficients(task)}),
+        **({} if task["at_reference"] else {"attenuation_mu_per_mm": detector_corrections.pack_coefficients(task)}),
         gain=np.float64(gain),
         background_mode=np.array(task["background_mode"]),
         background_constant=np.float64(task["background_constant"]),
@@ -297,7 +325,7 @@ def _correct_one(task: dict) -> dict:
     still["schema"] = np.array(corrected_format.CORRECT_SCHEMA)
     fpath = os.path.join(outdir, str(still["factors_file"]))
     factors = corrections._cached(_WORKER_CACHE, fpath, lambda: corrections._detector_arrays(fpath))
-    if task["at_reference"] != corrections.same_coefficients(task, factors["reference"]):
+    if task["at_reference"] != detector_corrections.same_coefficients(task, factors["reference"]):
         raise Sorry(f"{fpath} changed while diffuse.correct ran")
     background = None
     if task["background_mode"] == "map":
@@ -310,15 +338,17 @@ def _correct_one(task: dict) -> dict:
         counts = extract_format.unpack_counts(ex, "sample")
         if len(counts) != len(pixels):
             raise Sorry(f"{src}: {len(counts)} sampled counts for {len(pixels)} sampled pixels; rerun diffuse.extract")
+        at, index = _sampled(factors), pixels // extract_format.SAMPLE_STRIDE
     else:
         pixels = corrections.used_pixels(ex["mask_bits"], ex["n_pixels"])[::8]
         counts = extract_format.unpack_counts(ex)[::8]
+        at, index = factors, pixels
     bg, bg_var = corrections.still_background(still, pixels, background)
-    coefficients = {n: task[n] for n in corrections.WAVELENGTH_COEFFICIENTS}
-    if corrections.same_coefficients(coefficients, factors["reference"]):
-        total = factors["total"][pixels]
+    coefficients = {n: task[n] for n in detector_corrections.WAVELENGTH_COEFFICIENTS}
+    if detector_corrections.same_coefficients(coefficients, factors["reference"]):
+        total = at["total"][index]
     else:
-        total = corrections.shot_total(factors["direction"], factors["paths"], coefficients, pixels, factors["panel_offsets"])
+        total = corrections.shot_total(at["direction"], at["paths"], coefficients, index, at["panel_offsets"])
     intensity, _ = corrections.corrected_intensity(counts, total, norm, gain=gain, background=bg, background_variance=bg_var)
     return {
         "still": still_name(src),
@@ -401,7 +431,7 @@ def run_correct(params, experiments, return_rows=True):
         expt = experiments[idx]
         parts = {
             "schema": factors_format.FACTORS_SCHEMA,
-            "formulas": corrections.FORMULAS_VERSION,
+            "formulas": detector_corrections.FORMULAS_VERSION,
             "geometry": provenance.content_fingerprint(geometry_file),
             "models": provenance.models_fingerprint(expt, ("detector", "beam")),
             "params": provenance.phil_values(params, FACTORS_PARAMS),
@@ -431,7 +461,7 @@ def run_correct(params, experiments, return_rows=True):
     reference = {}  # each factors file's wavelength coefficients
     for key in keys:
         reference[key] = factors_format.read_factors(factors_format.factors_path(outdir, key),
-                                                     fields=corrections.WAVELENGTH_COEFFICIENTS)
+                                                     fields=detector_corrections.WAVELENGTH_COEFFICIENTS)
 
     background_file, background_key = "", None
     if params.background.mode == "map":
@@ -473,7 +503,7 @@ def run_correct(params, experiments, return_rows=True):
             raise Sorry(f"{f}: background.mode=map scales the background by the exposure time, and this "
                         f"still has none ({norm_source}); use background.mode=constant or none")
         try:
-            coefficients = corrections.wavelength_coefficients(experiments[idx].detector, header["wavelength"], options_)
+            coefficients = detector_corrections.wavelength_coefficients(experiments[idx].detector, header["wavelength"], options_)
         except ValueError as e:
             raise Sorry(f"{f}: {e}")
         out = os.path.join(outdir, os.path.basename(f))
@@ -514,7 +544,7 @@ def run_correct(params, experiments, return_rows=True):
                 "normalisation_value": norm_value,
                 "normalisation_source": norm_source,
                 "wavelength": header["wavelength"],
-                "at_reference": corrections.same_coefficients(coefficients, reference[key]),
+                "at_reference": detector_corrections.same_coefficients(coefficients, reference[key]),
                 **coefficients,
             }
         )

@@ -170,16 +170,24 @@ def write_ccp4_slabs(path, grid: HKLGrid, slabs, unit_cell, title: str = "diffus
     off = [m * n for m, n in zip(grid.hkl_max, grid.ndiv)]
     cell = map_unit_cell(grid, unit_cell)
     lo, hi, total, total2, n = np.inf, -np.inf, 0.0, 0.0, 0
+    buf, sq = np.empty(0, dtype="<f4"), np.empty(0)  # reused from slab to slab (no fresh pages each)
     with program.atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(b"\0" * 1024)
         for slab in slabs:
-            v = np.nan_to_num(np.asarray(slab, dtype=np.float32), nan=0.0)
+            slab = np.asarray(slab)
+            if slab.size > buf.size:
+                buf, sq = np.empty(slab.size, dtype="<f4"), np.empty(slab.size)
+            v = buf[:slab.size]
+            np.copyto(v, slab.reshape(-1), casting="unsafe")  # as astype(float32)
+            np.nan_to_num(v, copy=False, nan=0.0)
             if v.size:
                 lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
                 total += float(v.sum(dtype=np.float64))
-                total2 += float(np.square(v, dtype=np.float64).sum())
+                s2 = sq[:v.size]
+                np.square(v, dtype=np.float64, out=s2)
+                total2 += float(s2.sum())
                 n += v.size
-            fh.write(np.ascontiguousarray(v, dtype="<f4").tobytes())
+            fh.write(v)
         if n != n0 * n1 * n2:
             raise ValueError(f"slabs hold {n} voxels, the grid {n0 * n1 * n2}")
         mean = total / n

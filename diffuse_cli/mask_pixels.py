@@ -16,7 +16,8 @@ from diffuse_cli.extraction import DetectorGeometry, raw_counts
 from diffuse_cli.formats.masks import from_dials
 
 
-def static_mask(imageset, masking_params, geometry: DetectorGeometry, image_index: int = 0) -> np.ndarray:
+def static_mask(imageset, masking_params, geometry: DetectorGeometry, image_index: int = 0,
+                counts: np.ndarray | None = None) -> np.ndarray:
     """Static mask (True = usable), flat.
 
     Combines ``dials.util.masking.generate_mask`` (border, untrusted panels /
@@ -24,7 +25,8 @@ def static_mask(imageset, masking_params, geometry: DetectorGeometry, image_inde
     ice rings) with the image's own mask (``imageset.get_mask``: the format's
     static mask, e.g. panel gaps, and the trusted range of one image). Pixels
     above the upper trusted value are not put in the static mask (overloads
-    move from still to still; they are removed per still).
+    move from still to still; they are removed per still). counts: the
+    image's raw counts, when the caller has read them.
     """
     import copy
 
@@ -39,7 +41,8 @@ def static_mask(imageset, masking_params, geometry: DetectorGeometry, image_inde
     ]
     user = from_dials(generate_mask(imageset, masking_params))
     image = from_dials(imageset.get_mask(image_index))
-    counts = raw_counts(imageset, image_index)
+    if counts is None:
+        counts = raw_counts(imageset, image_index)
     over = np.zeros(counts.shape, dtype=bool)
     off = geometry.panel_offsets
     for i, panel in enumerate(imageset.get_detector()):
@@ -61,9 +64,9 @@ def dynamic_mask(
     """Hot and dead pixels from a set of images (True = usable), flat.
 
     images: flat count arrays (one per still), as a sequence or a callable
-    returning a fresh iterable (read twice: once for the reference, once to
-    count); valid: the static mask. Per pixel over the N images: mean m,
-    maximum hi. The local reference b is the median of m over a
+    returning a fresh iterable (read up to three times: for the reference,
+    then twice to count, with hot_fraction < 1); valid: the static mask. Per
+    pixel over the N images: mean m, maximum hi. The local reference b is the median of m over a
     ``filter_size`` square (per panel, invalid pixels replaced by the panel
     median).
 
@@ -74,7 +77,9 @@ def dynamic_mask(
     * dead: hi == 0 (never counted) while N·b >= dead_min_expected counts were
       expected (Poisson probability e^-N·b).
     """
-    from scipy.ndimage import median_filter
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    from diffuse_cli.mask_rotation import filled_panels, local_background
 
     def each_image():
         return images() if callable(images) else iter(images)
@@ -93,24 +98,39 @@ def dynamic_mask(
     if n == 0:
         raise Sorry("No images for the dynamic mask")
     mean = (total / n).astype(np.float32)
-    ref = np.empty_like(mean)
-    off = geometry.panel_offsets
-    for i, shape in enumerate(geometry.panel_shapes):
-        sl = slice(off[i], off[i + 1])
-        m = mean[sl].copy()
-        ok = valid[sl]
-        m[~ok] = np.median(m[ok]) if ok.any() else 0.0
-        ref[sl] = median_filter(m.reshape(tuple(shape)), size=filter_size, mode="nearest").ravel()
-    threshold = ref + hot_min_excess + hot_n_sigma * np.sqrt(np.maximum(ref, 0))
+    filled = filled_panels(mean, valid, geometry)
+
+    def threshold(b):
+        return b + hot_min_excess + hot_n_sigma * np.sqrt(np.maximum(b, 0))
+
+    # b lies between its window's minimum and maximum, and the threshold and N·b grow with b
+    # (also as rounded): b, the filter_size² median, is taken only where those bounds leave
+    # a test open (a few pixels; the same values as the whole-frame median filter)
+    b_lo = np.concatenate([minimum_filter(f, size=filter_size, mode="nearest").ravel() for f in filled])
+    b_hi = np.concatenate([maximum_filter(f, size=filter_size, mode="nearest").ravel() for f in filled])
+    need = max(int(np.ceil(hot_fraction * n)), int(min_hot_images))
     if hot_fraction >= 1.0:
-        hot = valid & (lo > threshold)
+        maybe_hot = valid & (lo > threshold(b_lo))
     else:
         above = np.zeros(mean.shape, dtype=np.int32)
+        t_lo = threshold(b_lo)
         for counts in each_image():
-            above += counts > threshold
-        need = max(int(np.ceil(hot_fraction * n)), int(min_hot_images))
-        hot = valid & (above >= need)
-    dead = valid & (hi == 0) & (n * ref >= dead_min_expected)
+            above += counts > t_lo
+        maybe_hot = valid & (above >= need)
+    at = np.flatnonzero(maybe_hot | (valid & (hi == 0) & (n * b_hi >= dead_min_expected)))
+    ref = local_background(mean, valid, geometry, filter_size, at=at, filled=filled)
+    t_at = threshold(ref)
+    if hot_fraction >= 1.0:
+        hot_at = lo[at] > t_at
+    else:
+        above_at = np.zeros(len(at), dtype=np.int32)
+        for counts in each_image():
+            above_at += counts[at] > t_at
+        hot_at = above_at >= need
+    hot = np.zeros(mean.shape, dtype=bool)
+    dead = np.zeros(mean.shape, dtype=bool)
+    hot[at] = hot_at & maybe_hot[at]
+    dead[at] = valid[at] & (hi[at] == 0) & (n * ref >= dead_min_expected)
     stats = {"n_images": n, "hot": int(hot.sum()), "dead": int(dead.sum())}
     return ~(hot | dead), stats
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 import diffuse_cli  # noqa: F401  (DIALS environment)
 from libtbx.utils import Sorry
 
 from diffuse_cli.extraction import DetectorGeometry
+
+logger = logging.getLogger(__name__)
 
 
 def shoebox_bragg_mask(reflections, geometry: DetectorGeometry, frame: int | None = None, codes=("foreground", "strong")) -> np.ndarray:
@@ -42,6 +46,19 @@ def shoebox_bragg_mask(reflections, geometry: DetectorGeometry, frame: int | Non
     masks = [shoeboxes[int(i)].mask.as_numpy_array() for i in sel]
     x0, x1, y0, y1, z0, z1 = bbox[sel].T
     nz, ny, nx = z1 - z0, y1 - y0, x1 - x0
+    # rows DIALS never integrated (e.g. indexed strong spots of a sweep) carry an
+    # empty shoebox: they have no mask to project
+    filled = np.array([m.size == a * b * c for m, a, b, c in zip(masks, nz, ny, nx)], dtype=bool)
+    if not filled.any():
+        raise Sorry("method=shoebox: the reflections have no shoebox data at this image "
+                    "(use integrated reflections with shoeboxes, or method=predicted)")
+    if not filled.all():
+        logger.debug("method=shoebox: %d of %d reflections without shoebox data skipped",
+                     int((~filled).sum()), filled.size)
+        sel = sel[filled]
+        masks = [m for m, f in zip(masks, filled) if f]
+        x0, x1, y0, y1, z0, z1 = bbox[sel].T
+        nz, ny, nx = z1 - z0, y1 - y0, x1 - x0
     zi = np.zeros(sel.size, dtype=np.int64) if frame is None else frame - z0
     flat_masks = np.concatenate([
         m.reshape(nz_, ny_ * nx_)[z_] for m, nz_, ny_, nx_, z_ in zip(masks, nz, ny, nx, zi)

@@ -18,17 +18,19 @@ from libtbx.utils import Sorry
 
 from diffuse_cli.extraction import DetectorGeometry
 from diffuse_cli.mask_bragg import _absent, _hkl_key, _profile_sigma_m
-from diffuse_cli.mask_rotation import filled_panels, local_background
+from diffuse_cli.mask_rotation import _window_rank_kernel, filled_panels, local_background
 
-# |s1 − s0|² (Å⁻², float64) of every pixel of the last geometry seen: [geometry, s0 bytes, values]
+# |s1 − s0|² (Å⁻², float64) of every pixel of the last geometry seen: [ŝ1 array, (s0 bytes, λ), values]
 _Q2: list = [None, None, None]
 
 
 def _pixel_q2(geometry: DetectorGeometry) -> np.ndarray:
-    """|q|² = |s1 − s0|² of every pixel (Å⁻², float64), computed once per geometry view."""
+    """|q|² = |s1 − s0|² of every pixel (Å⁻², float64), computed once per detector and beam
+    (the views of one detector share their ŝ1 array; a sweep's frames, one beam)."""
     s0 = np.asarray(geometry.s0, dtype=np.float64)
-    if _Q2[0] is not geometry or _Q2[1] != s0.tobytes():
-        _Q2[:] = [geometry, s0.tobytes(), np.sum((geometry.s1.astype(np.float64) - s0) ** 2, axis=1)]
+    beam = (s0.tobytes(), float(geometry.wavelength))
+    if _Q2[0] is not geometry.s1_unit or _Q2[1] != beam:
+        _Q2[:] = [geometry.s1_unit, beam, np.sum((geometry.s1.astype(np.float64) - s0) ** 2, axis=1)]
     return _Q2[2]
 
 
@@ -161,6 +163,82 @@ def lattice_crossings(M: np.ndarray, axis: np.ndarray, s0: np.ndarray, hkl: np.n
     return np.concatenate([rows, rows]), delta
 
 
+#: radians from the frame centre: beyond this no rocking curve reaches the frame
+NEAR_RAD = 0.5
+
+
+def _near_box_points_py(n, M, m2, s0, q2_max, near, out):
+    """Numba kernel of :func:`_box_lattice_points`: writes the candidates to ``out`` in box order
+    and returns their count.
+
+    :func:`lattice_crossings`'s equation a cos δ + b sin δ = c has a root with
+    |δ| ≤ near iff c lies in the range of f(δ) = a cos δ + b sin δ over
+    [−near, near]: between f(±near), raised to ρ = |(a, b)| when f's peak
+    (δ = atan2(b, a)) is inside, lowered to −ρ when its trough is. Each test is
+    widened by far more than its rounding (and near by 1e-6 rad), so a point
+    lattice_crossings keeps is never left out here.
+    """
+    k = 0
+    s0m2 = s0[0] * m2[0] + s0[1] * m2[1] + s0[2] * m2[2]
+    cn, sn = np.cos(near + 1e-6), np.sin(near + 1e-6)
+    tn = sn / cn
+    for h0 in range(-n[0], n[0] + 1):
+        for h1 in range(-n[1], n[1] + 1):
+            for h2 in range(-n[2], n[2] + 1):
+                if h0 == 0 and h1 == 0 and h2 == 0:
+                    continue
+                r0 = M[0, 0] * h0 + M[0, 1] * h1 + M[0, 2] * h2
+                r1 = M[1, 0] * h0 + M[1, 1] * h1 + M[1, 2] * h2
+                r2 = M[2, 0] * h0 + M[2, 1] * h1 + M[2, 2] * h2
+                rr = r0 * r0 + r1 * r1 + r2 * r2
+                if rr > q2_max * (1.0 + 1e-9):
+                    continue
+                rp = r0 * m2[0] + r1 * m2[1] + r2 * m2[2]
+                p0, p1, p2 = r0 - rp * m2[0], r1 - rp * m2[1], r2 - rp * m2[2]
+                a = 2.0 * (p0 * s0[0] + p1 * s0[1] + p2 * s0[2])
+                b = 2.0 * ((m2[1] * p2 - m2[2] * p1) * s0[0] + (m2[2] * p0 - m2[0] * p2) * s0[1]
+                           + (m2[0] * p1 - m2[1] * p0) * s0[2])
+                c = -rr - 2.0 * rp * s0m2
+                slack = 1e-9 * (rr + abs(2.0 * rp * s0m2) + abs(a) + abs(b))
+                f_plus, f_minus = a * cn + b * sn, a * cn - b * sn
+                hi, lo = max(f_plus, f_minus), min(f_plus, f_minus)
+                if abs(b) <= abs(a) * tn + slack:
+                    rho = np.sqrt(a * a + b * b)
+                    if a >= 0:
+                        hi = rho
+                    if a <= 0:
+                        lo = -rho
+                if lo - slack <= c <= hi + slack:
+                    out[k, 0], out[k, 1], out[k, 2] = h0, h1, h2
+                    k += 1
+    return k
+
+
+_NEAR_KERNEL: list = []
+
+
+def _box_lattice_points(n, M, m2, s0, q_max: float, near: float) -> np.ndarray:
+    """The integer points h of the box |h_i| ≤ n_i (int64 (N, 3), in the box's C order).
+
+    With numba, only those that may be within q_max (Å⁻¹) and cross the Ewald
+    sphere within ``near`` radians of the setting M (a superset of what
+    :func:`spot_bragg_mask` keeps after :func:`lattice_crossings`, which it
+    then computes on these rows alone: row by row the same numbers, for a
+    third of the rows). Without numba, the whole box.
+    """
+    if not _NEAR_KERNEL:
+        from diffuse_cli.image_read import numba
+
+        _NEAR_KERNEL.append(None if numba is None else numba.njit(nogil=True, cache=True)(_near_box_points_py))
+    n = np.asarray(n, dtype=np.int64)
+    if _NEAR_KERNEL[0] is None:
+        return np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in n], indexing="ij"), -1).reshape(-1, 3)
+    out = np.empty((int(np.prod(2 * n + 1)), 3), dtype=np.int64)
+    k = _NEAR_KERNEL[0](n, np.ascontiguousarray(M, dtype=np.float64), np.ascontiguousarray(m2, dtype=np.float64),
+                        np.ascontiguousarray(s0, dtype=np.float64), float(q_max) ** 2, float(near), out)
+    return out[:k]
+
+
 def _rotate(v: np.ndarray, axis: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """Each row of v (N, 3) rotated by its δ (radians) about the unit axis (Rodrigues)."""
     c, s = np.cos(delta)[:, None], np.sin(delta)[:, None]
@@ -222,20 +300,19 @@ def spot_bragg_mask(geometry: DetectorGeometry, experiment, array_index: int, mo
     m2 = m2 / np.linalg.norm(m2)
     width = abs(np.deg2rad(frames.width_deg))
     out = np.zeros(geometry.n_pixels, dtype=bool)
-    usable = np.flatnonzero(valid)
-    if not usable.size:
+    if not valid.any():
         return out, {"n_spots": 0}
-    q_max = float(np.sqrt(np.max(_pixel_q2(geometry)[usable])))
+    q_max = float(np.sqrt(np.max(_pixel_q2(geometry), where=valid, initial=0.0)))
     if d_min:
         q_max = min(q_max, 1.0 / d_min)
     # every lattice point within q_max: |h_i| ≤ q_max·|a_i| (real-space axis lengths)
     a_len = np.linalg.norm(np.linalg.inv(M), axis=1)
     n = np.ceil(q_max * a_len).astype(int)
-    grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in n], indexing="ij"), -1).reshape(-1, 3)
+    grid = _box_lattice_points(n, M, m2, s0, q_max, NEAR_RAD)
     r_grid = grid @ M.T
     grid = grid[(np.einsum("ij,ij->i", r_grid, r_grid) <= q_max**2) & np.any(grid != 0, axis=1)]
     rows, delta = lattice_crossings(M, m2, s0, grid.astype(np.float64))
-    near = np.abs(delta) < 0.5  # radians: beyond this no rocking curve reaches the frame
+    near = np.abs(delta) < NEAR_RAD
     rows, delta = rows[near], delta[near]
     r = _rotate(grid[rows].astype(np.float64) @ M.T, m2, delta)
     s1 = r + s0
@@ -290,6 +367,13 @@ def spot_bragg_mask(geometry: DetectorGeometry, experiment, array_index: int, mo
     rho2 = 2.0 * np.log(np.maximum(peak / (model.background_fraction * b), 1.0))  # in σ², 0: no mask
     lit = rho2 > 0
     half = np.minimum(np.ceil(np.sqrt(rho2) * sigma_px + 1.0), max_radius_px).astype(np.int64)
+    grow = _grow_kernel()
+    if grow is not None:
+        k = np.flatnonzero(lit)
+        grow(ix[k], iy[k], panel[k].astype(np.int64), half[k], rho2[k] * model.sigma**2,
+             np.ascontiguousarray(u1[k], dtype=np.float64), off.astype(np.int64), shapes.astype(np.int64),
+             geometry.s1_unit, out)
+        return out, {"n_predicted": int(lit[:n_predicted].sum()), "n_strong": int(lit[n_predicted:].sum())}
     for w in np.unique(half[lit]):
         sel = np.flatnonzero(lit & (half == w))
         flat, ok = _box(ix[sel], iy[sel], panel[sel], w, off, shapes)
@@ -297,6 +381,36 @@ def spot_bragg_mask(geometry: DetectorGeometry, experiment, array_index: int, mo
         hit = ok & (theta2 <= rho2[sel, None, None] * model.sigma**2)
         out[flat[hit]] = True
     return out, {"n_predicted": int(lit[:n_predicted].sum()), "n_strong": int(lit[n_predicted:].sum())}
+
+
+def _grow_spots_py(ix, iy, panel, half, limit, u1, off, shapes, s1_unit, out):
+    """Numba kernel of :func:`spot_bragg_mask`'s last step: ``out`` True at the pixels of the
+    square of half-width ``half`` about each spot, on its panel, whose direction is within
+    θ² ≤ ``limit`` of the spot's ŝ1 ``u1`` (θ² summed as numpy sums the three terms)."""
+    for k in range(ix.size):
+        p_id = panel[k]
+        ns, nf, base = shapes[p_id, 0], shapes[p_id, 1], off[p_id]
+        w = half[k]
+        for y in range(max(iy[k] - w, 0), min(iy[k] + w, ns - 1) + 1):
+            for x in range(max(ix[k] - w, 0), min(ix[k] + w, nf - 1) + 1):
+                p = base + y * nf + x
+                d0 = np.float64(s1_unit[p, 0]) - u1[k, 0]
+                d1 = np.float64(s1_unit[p, 1]) - u1[k, 1]
+                d2 = np.float64(s1_unit[p, 2]) - u1[k, 2]
+                if d0 * d0 + d1 * d1 + d2 * d2 <= limit[k]:
+                    out[p] = True
+
+
+_GROW_KERNEL: list = []
+
+
+def _grow_kernel():
+    """The compiled :func:`_grow_spots_py` (numba, loaded at the first call), or None without numba."""
+    if not _GROW_KERNEL:
+        from diffuse_cli.image_read import numba
+
+        _GROW_KERNEL.append(None if numba is None else numba.njit(nogil=True, cache=True)(_grow_spots_py))
+    return _GROW_KERNEL[0]
 
 
 def _spot_background(counts, valid, geometry, size: int, at: np.ndarray, filled=None, peak=None,
@@ -326,15 +440,27 @@ def _spot_background(counts, valid, geometry, size: int, at: np.ndarray, filled=
 def _window_minimum(filled, geometry, size: int, at: np.ndarray) -> np.ndarray:
     """Minimum of each filled panel over an odd square of at least ``size`` covering
     :func:`local_background`'s ``size``² window at the flat pixels ``at`` (edges as "nearest")."""
-    from scipy.ndimage import minimum_filter
-
     off = geometry.panel_offsets
     odd = size | 1  # an even window (offsets −size/2 .. size/2 − 1) lies inside the next odd one
+    half = odd // 2
     out = np.empty(len(at), dtype=np.float32)
     for i, image in enumerate(filled):
         mine = np.flatnonzero((at >= off[i]) & (at < off[i + 1]))
-        if len(mine):
-            out[mine] = minimum_filter(image, size=odd, mode="nearest").ravel()[at[mine] - off[i]]
+        if not len(mine):
+            continue
+        # scipy's minimum_filter(image, odd, mode="nearest") at these pixels only: "nearest" is
+        # numpy's "edge" padding (a few thousand spots: their windows, not the whole frame)
+        r, col = np.divmod(at[mine] - off[i], image.shape[1])
+        kernel = _window_rank_kernel()
+        if kernel is not None:
+            values = np.empty(len(mine), dtype=np.float32)
+            kernel(np.ascontiguousarray(image, dtype=np.float32), r, col, int(odd), 0, values)
+            out[mine] = values
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(np.pad(image, half, mode="edge"), (odd, odd))
+        for start in range(0, len(mine), 65536):  # bounded memory: 65536 windows of odd²
+            part = slice(start, start + 65536)
+            out[mine[part]] = windows[r[part], col[part]].min(axis=(1, 2))
     return out
 
 

@@ -246,6 +246,47 @@ def _orbit_scatter_py(reps, rot, offset, shape, i0, i1, values, out):
             out[((u0 - i0) * n1 + u1) * n2 + u2] = values[c]
 
 
+def _gather_py(table, values, fill, out):
+    """out[j] = values[table[j]], or ``fill`` where table[j] < 0 (a slab of the grid table)."""
+    for j in range(table.shape[0]):
+        c = table[j]
+        out[j] = values[c] if c >= 0 else fill
+
+
+def _radial_sums_py(table, I, h, k, l, g, d_star_max, n_bins, n, s):
+    """Counts and sums of I per d* bin over the grid voxels of a slab (the h-planes ``h``)
+    whose compact value (``table``) is finite with d* ≤ d_star_max, the bin
+    min(⌊d*/d_star_max·n_bins⌋, n_bins − 1). d* as merge_driver.block_d_star computes it
+    (the same operations in the same order), the sums in flat voxel order (as bincount)."""
+    n1, n2 = k.shape[0], l.shape[0]
+    g00, g11, g22 = g[0, 0], g[1, 1], g[2, 2]
+    g01, g02, g12 = 2 * g[0, 1], 2 * g[0, 2], 2 * g[1, 2]
+    for a in range(h.shape[0]):
+        x = h[a]
+        for b in range(n1):
+            y = k[b]
+            hk = g00 * x * x + g11 * y * y
+            row = (a * n1 + b) * n2
+            for c in range(n2):
+                t = table[row + c]
+                if t < 0:
+                    continue
+                v = I[t]
+                if not np.isfinite(v):
+                    continue
+                z = l[c]
+                d2 = hk + (g22 * z * z + g12 * y * z)
+                d2 += g01 * x * y
+                d2 += g02 * x * z
+                ds = np.sqrt(d2) if d2 > 0.0 else 0.0
+                if ds <= d_star_max:
+                    m = np.int64(ds / d_star_max * n_bins)
+                    if m > n_bins - 1:
+                        m = n_bins - 1
+                    n[m] += 1
+                    s[m] += v
+
+
 def _own_sums_py(c, I, sig, v1, m, ref, floor, limit, W_own, S_own, n_own):
     """A still's own weights and sums per compact voxel, as scaling.leave_one_out_voxels
     recomputes them (offset 0): v = I/m, w = m²/var with var = v1·max(m·R, floor) + v0
@@ -297,11 +338,14 @@ if HAVE_NUMBA:  # error_model numpy: x/0 is ±inf or NaN (then skipped), as in t
     _rest_means = numba.njit(nogil=True, cache=True, error_model="numpy")(_rest_means_py)
     _next_reference = numba.njit(nogil=True, cache=True, error_model="numpy")(_next_reference_py)
     _orbit_scatter = numba.njit(nogil=True, cache=True)(_orbit_scatter_py)
+    _gather = numba.njit(nogil=True, cache=True)(_gather_py)
+    _radial_sums = numba.njit(nogil=True, cache=True, error_model="numpy")(_radial_sums_py)
 else:  # pragma: no cover - slow but identical (pure Python loops)
     _voxels_hkl, _voxels_q, _expected, _pass = _voxels_hkl_py, _voxels_q_py, _expected_py, _pass_py
     _own_sums = _own_sums_py
     _means, _rest_means, _next_reference, _orbit_scatter = (_means_py, _rest_means_py, _next_reference_py,
                                                             _orbit_scatter_py)
+    _gather, _radial_sums = _gather_py, _radial_sums_py
 
 
 class CompactAccumulator:
@@ -374,6 +418,41 @@ class CompactAccumulator:
         return {"I": I, "sigma": sig, "counts": cnt, "half_I": half_I, "friedel_I": friedel_I}
 
 
+def _in_resolution_range(v: np.ndarray, ndiv, gstar, d_min=None, d_max=None) -> np.ndarray:
+    """symmetry.representatives_in_range's resolution test of grid index vectors v (N, 3):
+    d*² = h·G*·h (h = v/ndiv) ≤ 1/d_min² and ≥ 1/d_max², decided as its einsum decides.
+
+    d*² is summed term by term (cheap); only where it lies within 1e-12 of the sum of the
+    terms' magnitudes from a limit (both sums err by a few 1e-16 of that) is the einsum
+    evaluated, so the decisions are the einsum's everywhere."""
+    x, y, z = (v[:, i] / ndiv[i] for i in range(3))
+    diag = gstar[0, 0] * x * x + gstar[1, 1] * y * y + gstar[2, 2] * z * z
+    dss, size = diag, diag
+    for g, a, b in ((gstar[0, 1], x, y), (gstar[0, 2], x, z), (gstar[1, 2], y, z)):
+        if g != 0.0:
+            t = (2.0 * g) * a * b
+            dss, size = dss + t, size + np.abs(t)
+    keep = np.ones(len(v), dtype=bool)
+    doubt = np.zeros(len(v), dtype=bool)
+    for limit, below in ((d_min, True), (d_max, False)):
+        if limit is None:
+            continue
+        edge = 1.0 / limit**2
+        keep &= (dss <= edge) if below else (dss >= edge)
+        doubt |= np.abs(dss - edge) <= 1e-12 * size
+    if doubt.any():
+        i = np.flatnonzero(doubt)
+        hkl = v[i] / ndiv
+        exact = np.einsum("ni,ij,nj->n", hkl, gstar, hkl)
+        ok = np.ones(len(i), dtype=bool)
+        if d_min is not None:
+            ok &= exact <= 1.0 / d_min**2
+        if d_max is not None:
+            ok &= exact >= 1.0 / d_max**2
+        keep[i] = ok
+    return keep
+
+
 def compact_asu(grid: HKLGrid, laue, unit_cell=None, d_min=None, d_max=None, friedel: bool = True,
                 chunk: int = 1 << 19):
     """(reps, table, hand) of the ASU voxels inside the resolution range, without the
@@ -386,7 +465,7 @@ def compact_asu(grid: HKLGrid, laue, unit_cell=None, d_min=None, d_max=None, fri
     them), writing the compact index directly. 5 bytes per grid voxel. ``chunk``: voxels per
     block of whole h-planes (small blocks reuse their temporaries instead of fresh pages).
     """
-    from diffuse_cli.symmetry import _orbit_fill, reciprocal_metric, representatives_in_range
+    from diffuse_cli.symmetry import _orbit_fill, reciprocal_metric
 
     shape = np.asarray(grid.shape, dtype=np.int64)
     offset = np.asarray(grid.hkl_max, dtype=np.int64) * np.asarray(grid.ndiv)
@@ -400,18 +479,25 @@ def compact_asu(grid: HKLGrid, laue, unit_cell=None, d_min=None, d_max=None, fri
     parts, n_c = [], 0
     plane = int(shape[1] * shape[2])
     step = max(1, chunk // plane)  # whole h-planes: the indices by broadcasting, not unravel_index
+    k_axis = (np.arange(shape[1]) - offset[1])[None, :, None]
+    l_axis = (np.arange(shape[2]) - offset[2])[None, None, :]
     for i0 in range(0, int(shape[0]), step):
         i1 = min(int(shape[0]), i0 + step)
-        v = np.empty((i1 - i0, shape[1], shape[2], 3), dtype=np.int64)
-        v[..., 0] = (np.arange(i0, i1) - offset[0])[:, None, None]
-        v[..., 1] = (np.arange(shape[1]) - offset[1])[None, :, None]
-        v[..., 2] = np.arange(shape[2]) - offset[2]
-        v = v.reshape(-1, 3)
-        flat = np.arange(i0 * plane, i1 * plane, dtype=np.int64)
-        rep = representatives_in_range(v, laue, ndiv, gstar, d_min, d_max)
-        fr = flat[rep]
+        # the ASU test on the block's axes (broadcast), the index vectors of its voxels only:
+        # the voxels, their order and the resolution test are representatives_in_range's
+        inside = laue.is_inside_broadcast((np.arange(i0, i1) - offset[0])[:, None, None], k_axis, l_axis)
+        a, b, c = np.nonzero(np.broadcast_to(inside, (i1 - i0, int(shape[1]), int(shape[2]))))
+        loc = (a * shape[1] + b) * shape[2] + c  # flat within the block, increasing
+        v = np.empty((len(loc), 3), dtype=np.int64)
+        v[:, 0] = a + (i0 - offset[0])
+        v[:, 1] = b - offset[1]
+        v[:, 2] = c - offset[2]
+        if gstar is not None and (d_min is not None or d_max is not None):
+            keep = _in_resolution_range(v, ndiv, gstar, d_min, d_max)
+            loc, v = loc[keep], v[keep]
+        fr = loc + i0 * plane
         idx = np.arange(n_c, n_c + len(fr), dtype=np.int64)
-        vr = np.ascontiguousarray(v[rep])
+        vr = np.ascontiguousarray(v)
         if _orbit_fill is not None:
             _orbit_fill(idx, vr, laue.rotations, dets, offset, shape, table,
                         hand if hand is not None else np.zeros(0, dtype=np.int8))
@@ -456,6 +542,8 @@ class CompactMergedMap:
     values: dict
     centric: np.ndarray | None = None
     _lut: np.ndarray | None = field(default=None, repr=False)
+    _table: np.ndarray | None = field(default=None, repr=False)
+    _slab: tuple | None = field(default=None, repr=False)  # (i0, i1, table) of a grid too big to keep
 
     # -- compact access (what the driver uses)
     def compact(self) -> dict:
@@ -475,17 +563,76 @@ class CompactMergedMap:
             return values.ravel()[self.reps]
         raise ValueError(f"values of length {len(values)}: neither compact ({len(self.reps)}) nor the grid")
 
-    def expand_slab(self, values, i0: int, i1: int, fill=np.nan, dtype=None) -> np.ndarray:
-        """Values (compact, or over the flat grid) on the grid slab h-index [i0, i1),
-        shape (i1 − i0, n_k, n_l); ``fill`` outside the resolution range."""
-        v = self._compact_values(values)
-        dt = np.result_type(v, type(fill)) if dtype is None else dtype
+    #: largest grid table (bytes) kept for the dense outputs; a larger grid has the table of
+    #: one slab of about ``SLAB_VOXELS`` at a time (one pass over the representatives each),
+    #: so that the outputs of a big map need no memory per grid voxel (issue 12: 1.5 GB per rank)
+    TABLE_MAX_BYTES = 128 << 20
+    SLAB_VOXELS = 8 << 20  # as merge_driver.map_blocks' blocks
+
+    def _table_dtype(self):
+        return np.int32 if len(self.reps) < 2**31 else np.int64
+
+    def grid_table(self) -> np.ndarray:
+        """Per grid voxel (flat) its compact index (int32 when the number of compact voxels
+        allows; −1 outside the resolution range): every image of each representative under
+        the Laue group, as compact_asu's table. Built once (4 bytes per grid voxel) and kept
+        when it is at most ``TABLE_MAX_BYTES``: each dense slab is then a gather through it."""
+        if self._table is not None:
+            return self._table
+        table = self._scatter_table(0, self.grid.shape[0])
+        if table.nbytes <= self.TABLE_MAX_BYTES:
+            self._table = table
+        return table
+
+    def _scatter_table(self, i0: int, i1: int) -> np.ndarray:
         s = self.grid.shape
-        out = np.full((i1 - i0) * s[1] * s[2], fill, dtype=dt)
+        dt = self._table_dtype()
+        table = np.full((i1 - i0) * s[1] * s[2], -1, dtype=dt)
         offset = np.asarray(self.grid.hkl_max, dtype=np.int64) * np.asarray(self.grid.ndiv)
         _orbit_scatter(self.reps, self.laue.rotations, offset, np.asarray(s, dtype=np.int64), i0, i1,
-                       np.ascontiguousarray(v.astype(dt, copy=False)), out)
-        return out.reshape(i1 - i0, s[1], s[2])
+                       np.arange(len(self.reps), dtype=dt), table)
+        return table
+
+    def slab_table(self, i0: int, i1: int) -> np.ndarray:
+        """:meth:`grid_table` of the grid slab h-index [i0, i1) (flat; a view of the kept
+        table, or made for this slab alone when the grid's is too big to keep)."""
+        plane = self.grid.shape[1] * self.grid.shape[2]
+        if self._table is None and self.grid.n_voxels * np.dtype(self._table_dtype()).itemsize > self.TABLE_MAX_BYTES:
+            # the slab's table, or the one made last when it holds the slab (the outputs ask
+            # for consecutive slabs, each output in blocks of its own size)
+            if self._slab is None or not (self._slab[0] <= i0 and i1 <= self._slab[1]):
+                n_planes = max(i1 - i0, self.SLAB_VOXELS // plane, 1)
+                j1 = min(self.grid.shape[0], i0 + n_planes)
+                self._slab = None  # the previous one freed first
+                self._slab = (i0, j1, self._scatter_table(i0, j1))
+            a, _, table = self._slab
+            return table[(i0 - a) * plane:(i1 - a) * plane]
+        return self.grid_table()[i0 * plane:i1 * plane]
+
+    def release_tables(self) -> None:
+        """Free the grid (or slab) table of the dense outputs (made again when asked)."""
+        self._table = self._slab = None
+
+    def expand_slab(self, values, i0: int, i1: int, fill=np.nan, dtype=None, out=None) -> np.ndarray:
+        """Values (compact, or over the flat grid) on the grid slab h-index [i0, i1),
+        shape (i1 − i0, n_k, n_l); ``fill`` outside the resolution range. ``out``: a
+        buffer of at least that size and of the result's dtype to write into (its leading
+        part is returned)."""
+        v = self._compact_values(values)
+        dt = np.dtype(np.result_type(v, type(fill)) if dtype is None else dtype)
+        s = self.grid.shape
+        table = self.slab_table(i0, i1)
+        if out is None:
+            out = np.empty(len(table), dtype=dt)
+        elif out.dtype != dt or out.size < len(table):
+            raise ValueError(f"out: {out.dtype} buffer of {out.size} for {len(table)} values of {dt}")
+        dest = out.reshape(-1)[:len(table)]
+        v = np.ascontiguousarray(v.astype(dt, copy=False))
+        if HAVE_NUMBA:
+            _gather(table, v, dt.type(fill), dest)
+        else:  # pragma: no cover - without numba
+            np.copyto(dest, np.where(table >= 0, v[np.maximum(table, 0)] if len(v) else dt.type(fill), fill))
+        return dest.reshape(i1 - i0, s[1], s[2])
 
     def expand(self, values=None, fill=np.nan) -> np.ndarray:
         return self.expand_slab(values, 0, self.grid.shape[0], fill)

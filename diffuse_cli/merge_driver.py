@@ -121,11 +121,13 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     from libtbx.utils import Sorry
 
     from diffuse_cli import absolute_scale as absc
+    from diffuse_cli import absolute_scale_wilson as absw
     from diffuse_cli import map_output
     from diffuse_cli.grid import HKLGrid
     from diffuse_cli.merging import check_stills, format_statistics, scale_and_merge, shell_statistics
     from diffuse_cli.scaling_terms import ScalingTerms
-    from diffuse_cli.ambiguity import ambiguity_operators, determine_reindexing
+    from diffuse_cli.ambiguity import determine_reindexing
+    from diffuse_cli.ambiguity_cosets import ambiguity_operators
     from diffuse_cli.symmetry import LaueSymmetry
 
     rank = comm.Get_rank() if comm is not None else 0
@@ -176,7 +178,7 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         op_of = {i: M for i, M in zip(checked["experiment_index"], crystal_ops) if i is not None}
         n_crystals = len({c for c in checked["crystal"] if c is not None})
         if n_crystals > 1:
-            from diffuse_cli.ambiguity import _op_string
+            from diffuse_cli.ambiguity_cosets import _op_string
 
             for c in sorted({c for c in checked["crystal"] if c is not None}):
                 k = checked["crystal"].index(c)
@@ -292,7 +294,7 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         if params.output.plots:
             absc.plot_absolute_scale(sc, os.path.join(out, "absolute_scale.png"))
         if abs_plan["wilson_fit"] is not None and params.output.plots:
-            absc.plot_wilson(abs_plan["wilson_fit"], os.path.join(out, "wilson_plot.png"))
+            absw.plot_wilson(abs_plan["wilson_fit"], os.path.join(out, "wilson_plot.png"))
         program.write_json(os.path.join(out, "absolute_scale.json"),
                            {**sc.as_dict(), "bragg_peaks": abs_plan["bragg_peaks"]})
         logger.info("Absolute scale K = %.5g e.u./unit (fit %.2f–%.2f Å, rms rel. residual %.3f)",
@@ -348,6 +350,8 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         skipped=np.array([f"{r['name']}: {r['reason']}" for r in failed] or [""]),
         provenance_key=stored["provenance_key"], provenance=stored["provenance"],
         **extra)
+    if hasattr(merged, "release_tables"):  # the dense outputs' voxel table (4 bytes per grid voxel)
+        merged.release_tables()
     summaries.report_failed("diffuse.merge", failed, n_given, summary_path)
     logger.info("Wrote %s, %s.ccp4, %sstatistics.json%s, scales.json in %s", os.path.basename(npz),
                 params.output.prefix, "slices, I_vs_q.png, " if params.output.plots else "",
@@ -378,9 +382,24 @@ def block_d_star(grid, unit_cell, i0: int, i1: int) -> np.ndarray:
 def radial_profile_blocks(merged, grid, unit_cell, d_star_max: float, blocks, n_bins: int = 60):
     """absolute_scale.radial_profile of the dense merged I, summed block by block:
     (bin centres Å⁻¹, means, counts)."""
+    from diffuse_cli import merge_compact
+
     n = np.zeros(n_bins, dtype=np.int64)
     s = np.zeros(n_bins)
     I = merged.compact()["I"]
+    if hasattr(merged, "slab_table") and merge_compact.HAVE_NUMBA:  # one compiled pass a block, no dense arrays
+        from diffuse_cli.symmetry import reciprocal_metric
+
+        g = reciprocal_metric(unit_cell)
+        h, k, l = grid.axes()
+        I = np.ascontiguousarray(I, dtype=np.float64)
+        for i0, i1 in blocks:
+            nb, sb = np.zeros(n_bins, dtype=np.int64), np.zeros(n_bins)  # a block's sums, then the total (as below)
+            merge_compact._radial_sums(merged.slab_table(i0, i1), I, h[i0:i1], k, l, g, float(d_star_max), n_bins,
+                                       nb, sb)
+            n += nb
+            s += sb
+        blocks = ()
     for i0, i1 in blocks:
         v = merged.expand_slab(I, i0, i1).ravel()
         ds = block_d_star(grid, unit_cell, i0, i1).ravel()
@@ -399,16 +418,20 @@ def dense_blocks(merged, grid, unit_cell, scale=None):
     from diffuse_cli import absolute_scale as absc
 
     cm = merged.compact()
+    # the float32 values per compact voxel once (rounding each value then copying it equals
+    # copying then rounding): each block is then one gather
+    I32 = cm["I"].astype(np.float32) if scale is None else None
+    sig32 = (cm["sigma"] if scale is None else scale.K * cm["sigma"]).astype(np.float32)  # as to_electron_units
 
     def intensity(i0, i1):
+        if I32 is not None:
+            return merged.expand_slab(I32, i0, i1, fill=np.float32(np.nan))
         I = merged.expand_slab(cm["I"], i0, i1)
-        if scale is not None:
-            I = absc.to_electron_units(I, 0.0, block_d_star(grid, unit_cell, i0, i1), scale)[0]
+        I = absc.to_electron_units(I, 0.0, block_d_star(grid, unit_cell, i0, i1), scale)[0]
         return I.astype(np.float32)
 
     def sigma(i0, i1):
-        sig = merged.expand_slab(cm["sigma"], i0, i1)
-        return (sig if scale is None else scale.K * sig).astype(np.float32)  # as to_electron_units
+        return merged.expand_slab(sig32, i0, i1, fill=np.float32(np.nan))
 
     return intensity, sigma, lambda i0, i1: merged.expand_slab(cm["counts"], i0, i1, fill=0, dtype=np.int64)
 
@@ -480,6 +503,7 @@ def absolute_scale_plan(params, experiments, files, expt_files, groups, sg_symbo
     from libtbx.utils import Sorry
 
     from diffuse_cli import absolute_scale as absc
+    from diffuse_cli import absolute_scale_wilson as absw
 
     a = params.absolute_scale
     if not a.composition:
@@ -511,7 +535,7 @@ def absolute_scale_plan(params, experiments, files, expt_files, groups, sg_symbo
         arrays, offset = [], 0
         for refl, expts in pairs:
             try:
-                arr = absc.bragg_intensities(flex.reflection_table.from_file(refl), expts, sg_symbol)
+                arr = absw.bragg_intensities(flex.reflection_table.from_file(refl), expts, sg_symbol)
             except ValueError as e:
                 raise Sorry(f"{refl}: {e} (Wilson B for the absolute scale; or set absolute_scale.wilson_b)") from e
             arr["group"] = arr["group"] + offset
@@ -519,7 +543,7 @@ def absolute_scale_plan(params, experiments, files, expt_files, groups, sg_symbo
             arrays.append(arr)
         cat = {k: np.concatenate([x[k] for x in arrays]) for k in arrays[0]}
         try:
-            fit = absc.estimate_wilson_b(cat["d_star"], cat["intensity"], comp,
+            fit = absw.estimate_wilson_b(cat["d_star"], cat["intensity"], comp,
                                          partiality=cat["partiality"], group=cat["group"],
                                          d_max=a.wilson.d_max, d_min=a.wilson.d_min,
                                          excitation_error=cat["excitation_error"],
@@ -562,7 +586,7 @@ def _log_scales(result, files):
 
 
 def _scales_json(result, files, reindexed, crystal_ops=None):
-    from diffuse_cli.ambiguity import _op_string
+    from diffuse_cli.ambiguity_cosets import _op_string
 
     reidx = dict(reindexed)
     crystal_ops = crystal_ops or [None] * len(files)

@@ -10,16 +10,21 @@ back memory-mapped.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from diffuse_cli import merge_compact as _mc
 from diffuse_cli.grid import HKLGrid
-from diffuse_cli.merge_accumulator import MergedMap, voxel_flat
+from diffuse_cli.merge_accumulator import HAVE_NUMBA, MergedMap, voxel_flat
+from diffuse_cli.scaling import _SCRATCH as _FIT_SCRATCH
 from diffuse_cli.scaling import FitResult, fit_scale, relax
 
 logger = logging.getLogger("diffuse.merge")
+
+if HAVE_NUMBA:
+    import numba
 
 
 def _valid_obs(hkl, I, sig, variance_per_intensity=None):
@@ -74,7 +79,7 @@ class PreparedStill:
     ``n_dropped``: observations outside the range; ``typical``: the still's
     median positive I (expected intensity where there is no reference).
     ``fit``: the fit subset (at most fit_max_obs, fixed by the still's seed),
-    float64: c, I, sigma, v1, dss. ``voxels``: (compact voxels the still touches, int32
+    float64: c, I, sigma, v1, dss (only with ``dss``). ``voxels``: (compact voxels the still touches, int32
     increasing; observations in each, int64), for :func:`_floor_weighted`.
     """
 
@@ -144,6 +149,111 @@ def _median_of_positive(x: np.ndarray, sample: int = 20_000, exact_below: int = 
     return float(vals[0] if len(vals) == 1 else (vals[0] + vals[1]) / 2)
 
 
+def _fit_candidates_py(I, sig, v1, hkl, out):
+    """np.flatnonzero of prepare_still's test for fit observations, into out: finite I, σ
+    and hkl (hkl (n, 3); empty: finite), and σ > 0, or with a variance model (v1 not
+    empty) σ ≥ 0 and v1 > 0. Returns their number."""
+    has_v1 = v1.shape[0] > 0
+    has_hkl = hkl.shape[0] > 0
+    m = 0
+    for i in range(I.shape[0]):
+        s = sig[i]
+        ok = np.isfinite(I[i]) and np.isfinite(s)
+        if has_hkl:
+            ok = ok and np.isfinite(hkl[i, 0]) and np.isfinite(hkl[i, 1]) and np.isfinite(hkl[i, 2])
+        if has_v1:
+            ok = ok and s >= 0 and v1[i] > 0
+        else:
+            ok = ok and s > 0
+        out[m] = i
+        m += ok
+    return m
+
+
+def _kept_size_py(c):
+    """(number of c ≥ 0, max c) of compact voxels c (−1: outside)."""
+    m = 0
+    top = -1
+    for i in range(c.shape[0]):
+        k = c[i]
+        m += k >= 0
+        if k > top:
+            top = k
+    return m, top
+
+
+def _keep_py(c, side, I, sig, v1, out_c, out_side, out_I, out_s, out_v1, per_voxel):
+    """The observations with c ≥ 0, in order: c, side, and I, σ, v1 (v1 empty: none) as
+    float32; per_voxel[c] += 1 (np.bincount)."""
+    has_v1 = v1.shape[0] > 0
+    m = 0
+    for i in range(c.shape[0]):
+        k = c[i]
+        if k >= 0:
+            out_c[m] = k
+            out_side[m] = side[i]
+            out_I[m] = np.float32(I[i])
+            out_s[m] = np.float32(sig[i])
+            if has_v1:
+                out_v1[m] = np.float32(v1[i])
+            per_voxel[k] += 1
+            m += 1
+
+
+def _median_positive_py(x, work):
+    """(median, number) of the positive values of x, the median as np.median(x[x > 0])
+    computes it (in float64): the values inside a window that a strided sample puts around
+    it are gathered and selected from, in one pass; if the window misses, all of them."""
+    n = x.shape[0]
+    if n >= 8192:
+        step = n // 2048
+        ns = (n + step - 1) // step
+        smp = np.empty(ns)
+        k = 0
+        for t in range(ns):
+            v = np.float64(x[t * step])
+            if v > 0.0:
+                smp[k] = v
+                k += 1
+        if k > 0:
+            smp = np.sort(smp[:k])
+            half = int(1.5 * np.sqrt(k)) + 8
+            lo = smp[max(0, k // 2 - half)]
+            hi = smp[min(k - 1, k // 2 + half)]
+            n_pos = 0
+            below = 0
+            m = 0
+            for i in range(n):  # branch-free (see scaling._middle)
+                v = np.float64(x[i])
+                n_pos += v > 0.0
+                below += (v > 0.0) & (v < lo)
+                work[m] = v
+                m += (v >= lo) & (v <= hi)
+            k0, k1 = (n_pos - 1) // 2, n_pos // 2
+            if n_pos and below <= k0 and k1 < below + m:
+                _select(work, 0, m - 1, k0 - below)
+                a = work[k0 - below]
+                b = a if k1 == k0 else work[k0 - below + 1:m].min()
+                return (a if k1 == k0 else (a + b) / 2.0), n_pos
+    m = _positives(x, 1.0, work)
+    if m == 0:
+        return 1.0, 0
+    k0, k1 = (m - 1) // 2, m // 2
+    _select(work, 0, m - 1, k0)
+    a = work[k0]
+    b = a if k1 == k0 else work[k0 + 1:m].min()
+    return (a if k1 == k0 else (a + b) / 2.0), m
+
+
+if HAVE_NUMBA:
+    from diffuse_cli.scaling import _positives, _select
+
+    _fit_candidates = numba.njit(nogil=True, cache=True)(_fit_candidates_py)
+    _kept_size = numba.njit(nogil=True, cache=True)(_kept_size_py)
+    _keep = numba.njit(nogil=True, cache=True)(_keep_py)
+    _median_positive = numba.njit(nogil=True, cache=True)(_median_positive_py)
+
+
 def prepare_still(obs: dict, grid: HKLGrid, table: np.ndarray, hand: np.ndarray | None, gstar,
                   reindex=None, fit_max_obs: int = 200_000, seed: int = 0,
                   with_dss: bool = False) -> PreparedStill:
@@ -180,29 +290,47 @@ def prepare_still(obs: dict, grid: HKLGrid, table: np.ndarray, hand: np.ndarray 
         finite_hkl = True
     I_f = I.astype(np.float64, copy=False)
     s_f = sig.astype(np.float64, copy=False)
-    typical = _median_of_positive(I_f) if v1 is not None else 1.0
-    # the fit subset: as _reference_subset (the same observations in every pass)
-    ok = np.isfinite(I_f) & np.isfinite(s_f) & finite_hkl
-    ok &= (s_f > 0) if v1 is None else (s_f >= 0) & (np.asarray(v1) > 0)
-    sel = np.flatnonzero(ok)
+    if HAVE_NUMBA:  # one compiled pass each, the same values
+        typical = float(_median_positive(I_f, np.empty(n))[0]) if v1 is not None else 1.0
+        sel = np.empty(n, dtype=np.int64)
+        sel = sel[:_fit_candidates(I, sig, _NONE if v1 is None else np.asarray(v1),
+                                   hkl if "hkl" in obs else _NONE_HKL, sel)]
+    else:
+        typical = _median_of_positive(I_f) if v1 is not None else 1.0
+        # the fit subset: as _reference_subset (the same observations in every pass)
+        ok = np.isfinite(I_f) & np.isfinite(s_f) & finite_hkl
+        ok &= (s_f > 0) if v1 is None else (s_f >= 0) & (np.asarray(v1) > 0)
+        sel = np.flatnonzero(ok)
     if len(sel) > fit_max_obs:
         sel = np.sort(np.random.default_rng(seed).choice(sel, fit_max_obs, replace=False))
     sel = sel[c[sel] >= 0]
-    h = _hkl_of(obs, sel, ops).astype(np.float64)
     fit = {"c": c[sel], "I": I_f[sel].copy(), "sigma": s_f[sel].copy(),
-           "v1": None if v1 is None else np.asarray(v1, dtype=np.float64)[sel],
-           "dss": np.einsum("ni,ij,nj->n", h, gstar, h)}
-    keep = np.flatnonzero(c >= 0)
+           "v1": None if v1 is None else np.asarray(v1, dtype=np.float64)[sel]}
+    if with_dss:  # a constant scale does not use d*²
+        h = _hkl_of(obs, sel, ops).astype(np.float64)
+        fit["dss"] = np.einsum("ni,ij,nj->n", h, gstar, h)
     dss = None
     if with_dss:
-        hk = _hkl_of(obs, keep, ops).astype(np.float64)
+        hk = _hkl_of(obs, np.flatnonzero(c >= 0), ops).astype(np.float64)
         dss = np.einsum("ni,ij,nj->n", hk, gstar, hk).astype(np.float32)
-    ck = c[keep]
-    per_voxel = np.bincount(ck)
+    if HAVE_NUMBA:
+        n_keep, top = _kept_size(c)
+        ck, side_k = np.empty(n_keep, dtype=np.int32), np.empty(n_keep, dtype=np.int8)
+        I_k, s_k = np.empty(n_keep, dtype=np.float32), np.empty(n_keep, dtype=np.float32)
+        v1_k = None if v1 is None else np.empty(n_keep, dtype=np.float32)
+        per_voxel = np.zeros(top + 1, dtype=np.int64)
+        _keep(c, side, I, sig, _NONE if v1 is None else np.asarray(v1), ck, side_k, I_k, s_k,
+              _NONE32 if v1 is None else v1_k, per_voxel)
+    else:
+        keep = np.flatnonzero(c >= 0)
+        n_keep = len(keep)
+        ck, side_k = c[keep], side[keep]
+        I_k, s_k = I[keep].astype(np.float32), sig[keep].astype(np.float32)
+        v1_k = None if v1 is None else np.asarray(v1)[keep].astype(np.float32)
+        per_voxel = np.bincount(ck)
     touched = np.flatnonzero(per_voxel)
-    return PreparedStill(ck, side[keep], I[keep].astype(np.float32), sig[keep].astype(np.float32),
-                         None if v1 is None else np.asarray(v1)[keep].astype(np.float32), dss,
-                         n - len(keep), typical, {k: v for k, v in fit.items() if v is not None},
+    return PreparedStill(ck, side_k, I_k, s_k, v1_k, dss,
+                         n - n_keep, typical, {k: v for k, v in fit.items() if v is not None},
                          (touched.astype(np.int32), per_voxel[touched].astype(np.int64)))
 
 
@@ -256,7 +384,7 @@ class _PreparedStore:
             self.directory = None
 
 
-_SCRATCH: dict = {}
+_SCRATCH = _FIT_SCRATCH  # one dict: merging's _SCRATCH.clear() frees the fits' work arrays too
 
 
 def _buffer(name: str, n: int) -> np.ndarray:
@@ -288,6 +416,94 @@ def _floor(expected: np.ndarray, typical: float, n_typical: int) -> float:
     return 1e-3 * float(med)
 
 
+def _weighted_kth_py(vals, wts, k):
+    """The value of rank k (0-based) among values ``vals`` repeated ``wts`` times (no NaN;
+    both arrays are reordered): the k-th of the sorted observations. Three-way quickselect
+    on the weights; a sort of what is left after 64 rounds."""
+    lo, hi = 0, vals.shape[0] - 1
+    rounds = 0
+    while lo < hi:
+        rounds += 1
+        if rounds > 64:
+            order = np.argsort(vals[lo:hi + 1])
+            acc = 0
+            for j in order:
+                acc += wts[lo + j]
+                if k < acc:
+                    return vals[lo + j]
+            return vals[lo + order[-1]]
+        x, y, z = vals[lo], vals[(lo + hi) // 2], vals[hi]
+        if x < y:
+            p = y if y < z else (z if x < z else x)
+        else:
+            p = x if x < z else (z if y < z else y)
+        # Dutch flag: [lo, lt) < p, [lt, i) == p, (gt, hi] > p
+        lt, i, gt = lo, lo, hi
+        while i <= gt:
+            v = vals[i]
+            if v < p:
+                vals[i], vals[lt] = vals[lt], v
+                wts[i], wts[lt] = wts[lt], wts[i]
+                lt += 1
+                i += 1
+            elif v > p:
+                vals[i], vals[gt] = vals[gt], v
+                wts[i], wts[gt] = wts[gt], wts[i]
+                gt -= 1
+            else:
+                i += 1
+        w_less = 0
+        for j in range(lo, lt):
+            w_less += wts[j]
+        w_equal = 0
+        for j in range(lt, gt + 1):
+            w_equal += wts[j]
+        if k < w_less:
+            hi = lt - 1
+        elif k < w_less + w_equal:
+            return p
+        else:
+            k -= w_less + w_equal
+            lo = gt + 1
+    return vals[lo]
+
+
+def _floor_weighted_py(ref, index, count, g, typical, n_typical, vals, wts):
+    """_floor_weighted's floor, one pass over the touched voxels and weighted selection."""
+    n = 0
+    n_nonfinite = 0
+    for j in range(index.shape[0]):
+        x = np.float64(ref[index[j]])
+        if not np.isfinite(x):
+            n_nonfinite += count[j]
+            continue
+        e = g * x
+        if e > 0:
+            vals[n] = e
+            wts[n] = count[j]
+            n += 1
+    m = (n_nonfinite + n_typical) if typical > 0 else 0
+    total = m
+    for j in range(n):
+        total += wts[j]
+    if total == 0:
+        return 1e-12
+    if m:
+        vals[n] = typical
+        wts[n] = m
+        n += 1
+    k0, k1 = (total - 1) // 2, total // 2
+    a = _weighted_kth(vals[:n].copy(), wts[:n].copy(), k0)
+    if k1 == k0:
+        return 1e-3 * a
+    return 1e-3 * ((a + _weighted_kth(vals[:n], wts[:n], k1)) / 2)
+
+
+if HAVE_NUMBA:
+    _weighted_kth = numba.njit(nogil=True, cache=True)(_weighted_kth_py)
+    _floor_weighted_nb = numba.njit(nogil=True, cache=True, error_model="numpy")(_floor_weighted_py)
+
+
 def _floor_weighted(ref: np.ndarray, voxels: tuple, g: float, typical: float, n_typical: int) -> float:
     """:func:`_floor` of the expected intensities ``_expected(c, ref, [g], typical)`` of a
     still's observations and ``n_typical`` more equal to ``typical``, from its voxel counts
@@ -295,6 +511,11 @@ def _floor_weighted(ref: np.ndarray, voxels: tuple, g: float, typical: float, n_
     g·x rounds monotonically in x, so the order statistics of the products are the products
     at the order statistics; each voxel's product is its observations' (all equal)."""
     index, count = voxels
+    if HAVE_NUMBA:
+        n = len(index) + 1
+        return float(_floor_weighted_nb(ref, np.ascontiguousarray(index), np.ascontiguousarray(count, dtype=np.int64),
+                                        float(g), float(typical), int(n_typical), _buffer("floor_vals", n),
+                                        np.empty(n, dtype=np.int64)))
     r = np.asarray(ref[index], dtype=np.float64)
     finite = np.isfinite(r)
     e = np.float64(g) * r[finite]
@@ -314,14 +535,23 @@ def _floor_weighted(ref: np.ndarray, voxels: tuple, g: float, typical: float, n_
     return 1e-3 * float(med)
 
 
-def _leave_one_out_prepared(ref_I, ref_sigma, ref_counts, p: PreparedStill, multiplier, reject_limit,
-                            min_counts):
-    """scaling.leave_one_out_voxels (offset 0) at the still's fit subset, the own sums by one
-    compiled pass over its prepared observations (equal to it to rounding; tested)."""
-    from diffuse_cli.scaling import LOO_MIN_SHARE
+def _zeros(name: str, n: int, dtype) -> np.ndarray:
+    """A zero-filled scratch array of length n, reused between stills and passes: its user
+    zeroes again what it wrote (_own_prepared); freed by _SCRATCH.clear()."""
+    key = ("zeros", name)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH[key] = np.zeros(max(n, 1), dtype=dtype)
+    return buf[:n]
 
+
+@contextmanager
+def _own_prepared(ref_I, p: PreparedStill, m: np.ndarray, reject_limit):
+    """The still's own weights, weighted sums and counts per compact voxel
+    (merge_compact._own_sums), with model_variance's floor over m·R: zero-filled arrays
+    reused between fits (a fresh one per fit costs its page faults), zeroed again on exit
+    at the voxels the still touches."""
     n_c = len(ref_I)
-    m = np.ascontiguousarray(np.atleast_1d(np.asarray(multiplier, dtype=np.float64)))
     floor = 0.0
     if p.v1 is not None and m.size == 1 and m[0] > 0 and p.voxels is not None:
         floor = _floor_weighted(np.asarray(ref_I, dtype=np.float64), p.voxels, float(m[0]), 0.0, 0)
@@ -330,39 +560,110 @@ def _leave_one_out_prepared(ref_I, ref_sigma, ref_counts, p: PreparedStill, mult
         _mc._expected(p.c, ref_I, m, 0.0, e)
         floor = _floor(e, 0.0, 0)
         del e
-    W_own, S_own, n_own = np.zeros(n_c), np.zeros(n_c), np.zeros(n_c, dtype=np.int64)
-    _mc._own_sums(p.c, p.I, p.sigma, np.empty(0) if p.v1 is None else p.v1, m, ref_I, floor,
-                  float(reject_limit) if reject_limit else -1.0, W_own, S_own, n_own)
-    r = p.fit["c"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        W = 1.0 / np.asarray(ref_sigma, dtype=np.float64)[r] ** 2
-        W_other = W - W_own[r]
-        n_other = np.asarray(ref_counts)[r] - n_own[r]
-        ref = (np.asarray(ref_I, dtype=np.float64)[r] * W - S_own[r]) / W_other
-        usable = (n_other >= min_counts) & (W_other > LOO_MIN_SHARE * W) & np.isfinite(ref) & np.isfinite(W)
-        ref_var = np.where(usable, 1.0 / W_other, np.nan)
-    return np.where(usable, ref, np.nan), ref_var, usable
+    W_own, S_own, n_own = _zeros("W_own", n_c, np.float64), _zeros("S_own", n_c, np.float64), _zeros(
+        "n_own", n_c, np.int64)
+    try:
+        _mc._own_sums(p.c, p.I, p.sigma, np.empty(0) if p.v1 is None else p.v1, m, ref_I, floor,
+                      float(reject_limit) if reject_limit else -1.0, W_own, S_own, n_own)
+        yield W_own, S_own, n_own
+    finally:
+        touched = slice(None) if p.voxels is None else p.voxels[0]
+        W_own[touched], S_own[touched], n_own[touched] = 0.0, 0.0, 0
 
 
-def _fit_prepared(model, p: PreparedStill, ref_I, ref_counts, min_counts, previous=None) -> FitResult:
+def _loo_at_py(r, ref_I, ref_sigma, ref_counts, W_own, S_own, n_own, min_counts, min_share, full,
+               fI, fs, fv1, out_ref, out_var, out_use, oI, os_, ov1):
+    """The leave-one-out reference at fit observations r (compact voxels), as
+    scaling.leave_one_out_voxels computes it: W = 1/σ_h², W_other = W − W_own,
+    R = (R_h·W − S_own)/W_other, var = 1/W_other, usable where the others have
+    ≥ min_counts observations, W_other > min_share·W and R, W are finite. full: R and var
+    (NaN where not usable) and usable at every j; else only the usable ones, in order,
+    with their fI, fs, fv1 (fv1 empty: none) into oI, os_, ov1. Returns their number."""
+    has_v1 = fv1.shape[0] > 0
+    m = 0
+    for j in range(r.shape[0]):
+        k = r[j]
+        sg = np.float64(ref_sigma[k])
+        W = 1.0 / (sg * sg)
+        W_other = W - W_own[k]
+        n_other = np.int64(ref_counts[k]) - n_own[k]
+        ref = (np.float64(ref_I[k]) * W - S_own[k]) / W_other
+        use = (n_other >= min_counts) and (W_other > min_share * W) and np.isfinite(ref) and np.isfinite(W)
+        if full:
+            out_ref[j] = ref if use else np.nan
+            out_var[j] = 1.0 / W_other if use else np.nan
+            out_use[j] = use
+        elif use:
+            oI[m] = fI[j]
+            os_[m] = fs[j]
+            if has_v1:
+                ov1[m] = fv1[j]
+            out_ref[m] = ref
+            out_var[m] = 1.0 / W_other
+        m += use
+    return m
+
+
+_loo_at = (numba.njit(nogil=True, cache=True, error_model="numpy")(_loo_at_py) if HAVE_NUMBA
+           else _loo_at_py)  # error_model numpy: x/0 is ±inf or NaN (then not usable), as numpy
+
+
+def _leave_one_out_prepared(ref_I, ref_sigma, ref_counts, p: PreparedStill, multiplier, reject_limit,
+                            min_counts):
+    """scaling.leave_one_out_voxels (offset 0) at the still's fit subset, the own sums by one
+    compiled pass over its prepared observations (equal to it to rounding; tested)."""
+    from diffuse_cli.scaling import LOO_MIN_SHARE
+
+    m = np.ascontiguousarray(np.atleast_1d(np.asarray(multiplier, dtype=np.float64)))
+    r = np.ascontiguousarray(p.fit["c"])
+    n = len(r)
+    ref, ref_var, usable = np.empty(n), np.empty(n), np.empty(n, dtype=np.bool_)
+    with _own_prepared(ref_I, p, m, reject_limit) as (W_own, S_own, n_own):
+        _loo_at(r, ref_I, ref_sigma, ref_counts, W_own, S_own, n_own, int(min_counts), LOO_MIN_SHARE, True,
+                _NONE, _NONE, _NONE, ref, ref_var, usable, _NONE, _NONE, _NONE)
+    return ref, ref_var, usable
+
+
+_NONE = np.empty(0)
+_NONE32 = np.empty(0, dtype=np.float32)
+_NONE_HKL = np.empty((0, 3))
+
+
+def _fit_prepared(model, p: PreparedStill, ref_I, ref_counts, min_counts, previous=None,
+                  redescending: bool = True) -> FitResult:
     """fit_scale on the still's fixed subset, where the reference has ≥ min_counts and a finite I.
 
     previous: (scale parameters, reject limit, own share, reference σ) of the still's last
     pass: the reference without the still's own contribution (scaling.leave_one_out), then relax."""
     f = p.fit
-    c = f["c"]
-    ref = ref_I[c]
-    good = (ref_counts[c] >= min_counts) & np.isfinite(ref)
     v1 = f.get("v1")
-    ref_var = None
-    if previous is not None:
-        m = (float(previous[0][0]) if model.n_control_points == 1
-             else model.evaluate(previous[0], np.asarray(p.dss, dtype=np.float64)))
+    if previous is None:
+        c = f["c"]
+        ref = ref_I[c]
+        good = (ref_counts[c] >= min_counts) & np.isfinite(ref)
+        fit = fit_scale(model, f["I"][good], f["sigma"][good], ref[good], f["dss"][good] if "dss" in f else None,
+                        variance_per_intensity=None if v1 is None else v1[good], redescending=redescending)
+        return fit
+    if model.n_control_points == 1:  # the usable observations gathered by one compiled pass
+        from diffuse_cli.scaling import LOO_MIN_SHARE
+
+        m = np.ascontiguousarray(np.atleast_1d(np.asarray(float(previous[0][0]), dtype=np.float64)))
+        r = np.ascontiguousarray(f["c"])
+        out = [_buffer(k, len(r)) for k in ("fit_I", "fit_sigma", "fit_v1", "fit_ref", "fit_var")]
+        fv1 = _NONE if v1 is None else np.ascontiguousarray(v1, dtype=np.float64)
+        with _own_prepared(ref_I, p, m, previous[1]) as (W_own, S_own, n_own):
+            k = _loo_at(r, ref_I, previous[3], ref_counts, W_own, S_own, n_own, int(min_counts), LOO_MIN_SHARE,
+                        False, np.ascontiguousarray(f["I"], dtype=np.float64),
+                        np.ascontiguousarray(f["sigma"], dtype=np.float64), fv1, out[3], out[4], _NONE,
+                        out[0], out[1], out[2] if v1 is not None else _NONE)
+        fit = fit_scale(model, out[0][:k], out[1][:k], out[3][:k], None,
+                        variance_per_intensity=None if v1 is None else out[2][:k], reference_variance=out[4][:k],
+                        redescending=redescending)
+    else:
+        m = model.evaluate(previous[0], np.asarray(p.dss, dtype=np.float64))
         ref, ref_var, good = _leave_one_out_prepared(ref_I, previous[3], ref_counts, p, m, previous[1],
                                                      min_counts)
-    fit = fit_scale(model, f["I"][good], f["sigma"][good], ref[good], f["dss"][good],
-                    variance_per_intensity=None if v1 is None else v1[good],
-                    reference_variance=None if ref_var is None else ref_var[good])
-    return fit if previous is None else relax(fit, previous[0], own_share=previous[2])
-
-
+        fit = fit_scale(model, f["I"][good], f["sigma"][good], ref[good], f["dss"][good],
+                        variance_per_intensity=None if v1 is None else v1[good],
+                        reference_variance=ref_var[good], redescending=redescending)
+    return relax(fit, previous[0], own_share=previous[2])

@@ -66,10 +66,14 @@ def _cc(x, y):
 
 def _cc_split(x, y, mask, shell, shells):
     """Pearson correlation of x and y where ``mask``, over the voxels of ``shells`` (shell
-    number per voxel ``shell``), two-pass in float64 one shell at a time (NaN: < 3 points)."""
+    number per voxel ``shell``, or per shell its voxels' indices in increasing order), two-pass
+    in float64 one shell at a time (NaN: < 3 points)."""
     def parts():
         for k in shells:
-            sel = mask & (shell == k)
+            if isinstance(shell, list):
+                sel = shell[k][mask[shell[k]]]  # the same voxels in the same order as the mask
+            else:
+                sel = mask & (shell == k)
             yield x[sel], y[sel]
 
     n, sx, sy = 0, 0.0, 0.0
@@ -172,15 +176,22 @@ def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
         fm = cm["friedel_I"][1]
         pair = np.isfinite(fp) & np.isfinite(fm)
 
+    # each shell's voxels (indices, increasing): a shell's selections then cost its own size;
+    # the same elements in the same order as the boolean masks, so the same sums
+    order = np.argsort(shell, kind="stable").astype(np.int32 if len(shell) < 2**31 else np.int64)
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(shell, minlength=n_shells))])
+    members = [order[bounds[k]:bounds[k + 1]] for k in range(n_shells)]
+    del order
+
     def row(shells, d_lo, d_hi):
         # the row's voxels are those of ``shells``, taken one shell at a time (no copies of the whole map)
         n_vox = n_meas = 0
         s_cnt = s_I = s_ios = 0.0
         for k in shells:
-            sel = shell == k
-            m = sel & measured
-            n_vox += int(sel.sum())
-            n_meas += int(m.sum())
+            sel = members[k]
+            m = sel[measured[sel]]
+            n_vox += len(sel)
+            n_meas += len(m)
             s_cnt += float(cnt[m].sum(dtype=np.float64))
             s_I += float(I[m].sum(dtype=np.float64))
             s_ios += float((I[m] / sig[m]).sum(dtype=np.float64))
@@ -195,12 +206,12 @@ def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
             "mean_I_over_sigma": s_ios / n_meas if n_meas else np.nan,
         }
         if have_halves:
-            r["n_cc"] = int(sum(int((both & (shell == k)).sum()) for k in shells))
-            r["cc_half"] = _cc_split(h1, h2, both, shell, shells)
-            r["cc_half_aniso"] = _cc_split(a1, a2, both, shell, shells)
+            r["n_cc"] = int(sum(int(both[members[k]].sum()) for k in shells))
+            r["cc_half"] = _cc_split(h1, h2, both, members, shells)
+            r["cc_half_aniso"] = _cc_split(a1, a2, both, members, shells)
         if have_friedel:
-            r["n_friedel"] = int(sum(int((pair & (shell == k)).sum()) for k in shells))
-            r["cc_friedel"] = _cc_split(fp, fm, pair, shell, shells)
+            r["n_friedel"] = int(sum(int(pair[members[k]].sum()) for k in shells))
+            r["cc_friedel"] = _cc_split(fp, fm, pair, members, shells)
         return r
 
     rows = [row([k], edges[k], edges[k + 1]) for k in range(n_shells)]

@@ -56,6 +56,10 @@ from diffuse_cli.merge_prepared import (CACHE_BYTES, _SCRATCH, _buffer, _fit_pre
 
 logger = logging.getLogger("diffuse.merging")
 
+ACCELERATION_MEMORY = 5  # passes of history for the Anderson step (0: plain damped passes)
+ACCELERATION_STEP_LIMIT = 10.0  # most the extrapolation may add, in units of the plain step
+ACCELERATION_START_RATIO = 0.5  # accelerate once a pass's change falls by less than this factor
+
 
 # ---------------------------------------------------------------- scale and merge
 
@@ -212,6 +216,7 @@ def scale_and_merge(
     neighbours=None,
     cached: bool | None = None,
     cache_bytes: int | None = None,
+    acceleration_memory: int = ACCELERATION_MEMORY,
 ) -> MergeResult:
     """Merge stills (optionally with per-still scales refined to convergence).
 
@@ -229,7 +234,12 @@ def scale_and_merge(
     (indexing-ambiguity resolution). reject_sigma: in scaling passes, an
     observation whose residual (I/g − I_ref)/(σ/g) exceeds this many robust
     standard deviations of its still's residuals is left out of the merge
-    (None: keep everything). Under MPI (``comm``), rank r handles
+    (None: keep everything). Two phases (simple model; docs/merge.md,
+    "Outlier rejection"): passes without rejection, the fits with Huber
+    weights only (σ weights; with a variance model its gross-outlier cut),
+    until the change is below ``tolerance``; then rejection and Tukey's
+    biweight from those scales until it is below ``tolerance`` again (at
+    least one more pass). Under MPI (``comm``), rank r handles
     stills r, r+size, ...; sums and scales are reduced across ranks.
 
     model: a :class:`ScaleModel` (g only), or :class:`ScalingTerms` with
@@ -245,6 +255,11 @@ def scale_and_merge(
     and each pass only fits and accumulates. ``cached=False``: the reference
     implementation, which reloads every still in every pass (same map to
     float32 rounding of I, σ and v1; tests).
+
+    acceleration_memory (simple model): passes of history for the Anderson
+    step on log g once the passes converge slowly (:class:`PassAcceleration`;
+    0: plain damped passes). The fixed point and the convergence test are
+    the plain ones.
     """
     if isinstance(model, ScalingTerms):
         if model.any_extra and scale:
@@ -262,7 +277,8 @@ def scale_and_merge(
             max_iterations=max_iterations, tolerance=tolerance, reindex=reindex, half_seed=half_seed,
             half_blocks=half_blocks, friedel=friedel, fit_max_obs=fit_max_obs,
             min_reference_counts=min_reference_counts, comm=comm, lut=lut, reject_sigma=reject_sigma,
-            progress=progress, cache_bytes=CACHE_BYTES if cache_bytes is None else cache_bytes)
+            progress=progress, cache_bytes=CACHE_BYTES if cache_bytes is None else cache_bytes,
+            acceleration_memory=acceleration_memory)
     n_stills = len(source)
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     mine = list(range(rank, n_stills, size))
@@ -280,21 +296,20 @@ def scale_and_merge(
     n_passes = (max_iterations + 1) if scale else 1
     merged = None
     n_obs = 0
+    accelerate = PassAcceleration(acceleration_memory)
+    rejecting = False  # phase 2 (docs/merge.md, "Outlier rejection"): redescending fits, outliers rejected
     for it in range(n_passes):
-        acc = Accumulator(grid, 2, use_numba=use_numba)
+        scaled = reference is not None
         new = np.zeros_like(params)
         ok = np.zeros(n_stills)
-        iterator = progress(mine, desc=f"pass {it}") if progress else mine
-        for i in iterator:
-            obs = source.load(i)
-            hkl, I, sig = obs["hkl"], obs["I"], obs["sigma"]
-            v1 = obs.get("variance_per_intensity")
-            if reindex is not None and reindex[i] is not None:
-                hkl = np.asarray(hkl) @ np.asarray(reindex[i]).astype(np.asarray(hkl).dtype)
-            if reference is not None:
+        # every still's fit first: the pass's scales (accelerated, PassAcceleration) need them all
+        for i in (progress(mine, desc=f"fit {it}") if (progress and scaled) else mine):
+            if scaled:
+                hkl, I, sig, v1 = _loaded(source, i, reindex)
                 fits[i] = _fit_still(model, grid, gstar, reference, hkl, I, sig, fit_max_obs,
                                      min_reference_counts, seed=i, variance_per_intensity=v1,
-                                     previous=(params[i], _reject_limit(fits[i], reject_sigma), 1.0 / n_stills))
+                                     previous=(params[i], _reject_limit(fits[i], rejecting and reject_sigma),
+                                               1.0 / n_stills), redescending=rejecting)
                 if fits[i].ok:
                     new[i] = fits[i].params
                     ok[i] = 1
@@ -303,12 +318,25 @@ def scale_and_merge(
             else:
                 new[i] = params[i]
                 ok[i] = 1
+        raw, normalised, fits, c, change = _gather_params(comm, new, ok, fits, mine, params, scaled)
+        start, note = _phase_start(scaled, rejecting, change, tolerance, it == n_passes - 1)
+        if start:  # the map and the fits change: the acceleration's history no longer applies
+            rejecting, accelerate = True, PassAcceleration(acceleration_memory)
+        last = it == n_passes - 1 or (scaled and change < tolerance and not start)
+        if scaled and not last and not start:  # the last map takes the plain update
+            accelerated = accelerate.step(params, normalised, ok, change)
+            note = accelerate.note
+            if accelerated is not None:
+                normalised, raw = accelerated, accelerated * c
+        acc = Accumulator(grid, 2, use_numba=use_numba)
+        for i in (progress(mine, desc=f"pass {it}") if progress else mine):
+            hkl, I, sig, v1 = _loaded(source, i, reindex)
             if model.n_control_points == 1:
-                factor = 1.0 / new[i, 0]
+                factor = 1.0 / raw[i, 0]
             else:
                 h = np.asarray(hkl, dtype=np.float64)
                 dss = np.einsum("ni,ij,nj->n", h, gstar, h)
-                factor = 1.0 / model.evaluate(new[i], dss)
+                factor = 1.0 / model.evaluate(raw[i], dss)
             weight = None
             model_sigma = sig
             if v1 is not None:
@@ -316,7 +344,7 @@ def scale_and_merge(
                 var = model_variance(I_f, sig, v1, _expected_intensity(grid, reference, hkl, I_f, 1.0 / factor))
                 weight = 1.0 / (np.asarray(factor) ** 2 * var)
                 model_sigma = np.sqrt(var)
-            if reference is not None and reject_sigma and fits[i] is not None and fits[i].ok:
+            if scaled and rejecting and reject_sigma and fits[i] is not None and fits[i].ok:
                 bad = _outliers(grid, reference, hkl, I, model_sigma, factor,
                                 reject_sigma * fits[i].residual_scale)
                 if weight is None:
@@ -327,20 +355,29 @@ def scale_and_merge(
             # whose observations all have zero counts still gets σ > 0
             acc.add(hkl, I, sig if weight is None else model_sigma, factor,
                     half=int(half[i]), chunk=chunk, weight=weight)
-        new, fits, c, change = _end_of_pass(acc, comm, new, ok, fits, mine, params, reference is not None)
-        params = new
+        acc.reduce(comm)
+        params = normalised
         merged = acc.merge(lut, factor=c, hand=hand)
         n_obs = acc.n_added
         iterations = it
         del acc
-        if reference is not None:
+        if scaled:
             history.append(change)
-            logger.info("scaling pass %d: max relative scale change %.2e", it, change)
-            if change < tolerance:
+            logger.info("scaling pass %d: max relative scale change %.2e%s", it, change, note)
+            if change < tolerance and not start:
                 converged = True
                 break
         reference = _carried_map(merged, reference)
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
+
+
+def _loaded(source, i, reindex):
+    """Still i's (hkl, I, σ, variance per intensity or None), reindexed."""
+    obs = source.load(i)
+    hkl = obs["hkl"]
+    if reindex is not None and reindex[i] is not None:
+        hkl = np.asarray(hkl) @ np.asarray(reindex[i]).astype(np.asarray(hkl).dtype)
+    return hkl, obs["I"], obs["sigma"], obs.get("variance_per_intensity")
 
 
 def _scale_and_merge_terms(source, grid, laue, unit_cell, terms: ScalingTerms, d_min=None, d_max=None,
@@ -481,6 +518,15 @@ def _adjust_map(merged: MergedMap, unit_cell, terms: ScalingTerms, ring_factor, 
         arr[vox[fin]] = (arr[vox[fin]] * mul[fin] + add[fin]).astype(arr.dtype)
 
 
+def _phase_start(scaled, rejecting, change, tolerance, final):
+    """Whether this pass starts phase 2 (docs/merge.md, "Outlier rejection"): the scales
+    converged with Huber fits and no outlier rejection (or no pass is left); from this
+    pass's map on outliers are rejected and the fits are redescending. Returns (start,
+    the note for the pass's log line)."""
+    start = scaled and not rejecting and (change < tolerance or final)
+    return start, (" (phase 1 converged: outliers rejected from this map on)" if start else "")
+
+
 def _reject_limit(fit, reject_sigma):
     """The outlier limit the previous pass applied to a still (None: none applied)."""
     return reject_sigma * fit.residual_scale if reject_sigma and fit is not None and fit.ok else None
@@ -520,7 +566,7 @@ def _outliers(grid, reference, hkl, I, sig, factor, limit) -> np.ndarray:
 
 
 def _fit_still(model, grid, gstar, reference: MergedMap, hkl, I, sig, fit_max_obs,
-               min_counts, seed, variance_per_intensity=None, previous=None) -> FitResult:
+               min_counts, seed, variance_per_intensity=None, previous=None, redescending=True) -> FitResult:
     hkl = np.asarray(hkl)
     I = np.asarray(I, dtype=np.float64)
     sig = np.asarray(sig, dtype=np.float64)
@@ -539,7 +585,7 @@ def _fit_still(model, grid, gstar, reference: MergedMap, hkl, I, sig, fit_max_ob
     dss = np.einsum("ni,ij,nj->n", h, gstar, h)
     fit = fit_scale(model, I[sel], sig[sel], ref, dss,
                     variance_per_intensity=None if v1 is None else np.asarray(v1)[sel],
-                    reference_variance=ref_var)
+                    reference_variance=ref_var, redescending=redescending)
     return fit if previous is None else relax(fit, previous[0], own_share=previous[2])
 
 
@@ -553,19 +599,11 @@ def _gather_fits(comm, fits, mine, n_stills):
     return out
 
 
-def _end_of_pass(acc, comm, new, ok, fits, mine, params, scaled: bool):
-    """The sums, new per-still parameters and fits of a simple-model pass gathered over MPI
-    ranks; the parameters normalised (:func:`normalisation`). Returns (params, fits,
-    normalisation factor, max relative change; inf on the unscaled first pass)."""
-    acc.reduce(comm)
-    _, new, fits, norm, change = _gather_params(comm, new, ok, fits, mine, params, scaled)
-    return new, fits, norm, change
-
-
 def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=None, scale=True, model=None,
                             max_iterations=10, tolerance=1e-3, reindex=None, half_seed=0, half_blocks=None,
                             friedel=True, fit_max_obs=200_000, min_reference_counts=2, comm=None, lut=None,
-                            reject_sigma=6.0, progress=None, cache_bytes=CACHE_BYTES) -> MergeResult:
+                            reject_sigma=6.0, progress=None, cache_bytes=CACHE_BYTES,
+                            acceleration_memory=ACCELERATION_MEMORY) -> MergeResult:
     """scale_and_merge (simple model) with every still read once (see its ``cached``)."""
     n_stills = len(source)
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
@@ -591,6 +629,7 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
     n_obs = 0
     load = getattr(source, "load_deferred", None) or source.load
     store = _PreparedStore(cache_bytes)
+    accelerate = PassAcceleration(acceleration_memory)
     try:
         for i in (progress(mine, desc="read") if progress else mine):
             store.put(i, prepare_still(load(i), grid, table, hand, gstar,
@@ -603,6 +642,7 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
         # reference: the previous pass's map per compact voxel (I, sigma, counts)
         reference = None
         empty = np.empty(0)
+        rejecting = False  # phase 2 (docs/merge.md, "Outlier rejection"): redescending fits, outliers rejected
         for it in range(n_passes):
             scaled = reference is not None
             new = np.zeros_like(params)
@@ -613,15 +653,24 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
                 if scaled:
                     fits[i] = _fit_prepared(model, store.get(i), reference["I"], reference["counts"],
                                             min_reference_counts,
-                                            previous=(params[i], _reject_limit(fits[i], reject_sigma), 1.0 / n_stills,
-                                                      reference["sigma"]))
+                                            previous=(params[i], _reject_limit(fits[i], rejecting and reject_sigma),
+                                                      1.0 / n_stills, reference["sigma"]),
+                                            redescending=rejecting)
                     ok[i] = fits[i].ok
                     new[i] = fits[i].params if fits[i].ok else params[i]
                 else:
                     new[i] = params[i]
                     ok[i] = 1
             raw, normalised, fits, norm, change = _gather_params(comm, new, ok, fits, mine, params, scaled)
-            last = it == n_passes - 1 or (scaled and change < tolerance)
+            start, note = _phase_start(scaled, rejecting, change, tolerance, it == n_passes - 1)
+            if start:  # the map and the fits change: the acceleration's history no longer applies
+                rejecting, accelerate = True, PassAcceleration(acceleration_memory)
+            last = it == n_passes - 1 or (scaled and change < tolerance and not start)
+            if scaled and not last and not start:  # the last map takes the plain update
+                accelerated = accelerate.step(params, normalised, ok, change)
+                note = accelerate.note
+                if accelerated is not None:
+                    normalised, raw = accelerated, accelerated * norm
             ref = reference["I"] if scaled else empty
             if last:
                 reference = None  # σ and counts were for the fits only
@@ -633,7 +682,7 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
                 else:
                     factor = 1.0 / model.evaluate(raw[i], np.asarray(p.dss, dtype=np.float64))
                 limit = 0.0
-                if scaled and reject_sigma and fits[i] is not None and fits[i].ok:
+                if scaled and rejecting and reject_sigma and fits[i] is not None and fits[i].ok:
                     limit = float(reject_sigma * fits[i].residual_scale)
                 expected, floor = empty, 0.0
                 if p.v1 is not None:
@@ -657,8 +706,8 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
             iterations = it
             if scaled:
                 history.append(change)
-                logger.info("scaling pass %d: max relative scale change %.2e", it, change)
-                converged = converged or change < tolerance
+                logger.info("scaling pass %d: max relative scale change %.2e%s", it, change, note)
+                converged = converged or (change < tolerance and not start)
             if last:
                 values = acc.take_means(factor=norm, centric=centric, friedel=centric is not None)
                 break
@@ -670,6 +719,75 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
     merged = _mc.CompactMergedMap(grid, laue, tuple(unit_cell), d_min, d_max, reps, values,
                                   centric=centric, _lut=lut)
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
+
+
+class PassAcceleration:
+    """Anderson acceleration of the scaling passes on x = log g (docs/merge.md, "Acceleration").
+
+    A pass maps the scales x_k its reference was built with to the damped
+    leave-one-out update G(x_k), residual f_k = G(x_k) − x_k. With the
+    differences ΔF, ΔG of the last ``memory`` passes' f and G, the next
+    scales are x_{k+1} = G(x_k) − ΔG·γ, γ = argmin |f_k − ΔF·γ|₂ (Walker & Ni's
+    type II, mixing 1): on a linear iteration this is GMRES, so a few slow
+    modes (weakly coupled groups of stills) cost one pass each instead of
+    log(tol)/log(λ) passes. The fixed point (f = 0) is the plain one.
+    Every pass enters the history; accelerated steps start at the first pass
+    whose change is more than ``start_ratio`` times the previous one (a slow
+    mode; while the plain passes contract faster, an extrapolation from the
+    nonlinear first passes gains nothing). Safeguard: when a pass's change
+    is not below the previous pass's, the history is dropped and the plain
+    step G(x_k) taken; the extrapolation beyond G(x_k) is at most
+    ``step_limit`` × |f_k| (max norm).
+    """
+
+    def __init__(self, memory: int = ACCELERATION_MEMORY, step_limit: float = ACCELERATION_STEP_LIMIT,
+                 start_ratio: float = ACCELERATION_START_RATIO):
+        self.memory = int(memory)
+        self.step_limit = float(step_limit)
+        self.start_ratio = float(start_ratio)
+        self.slow = False  # a pass's change fell by less than start_ratio: accelerate from now on
+        self.history: list = []  # (G(x_j), f_j) in log, flattened
+        self.last_change = np.inf
+        self.n_accelerated = 0
+        self.n_restarts = 0
+        self.note = ""  # what the last step did, for the pass's log line
+
+    def step(self, params: np.ndarray, plain: np.ndarray, ok: np.ndarray, change: float) -> np.ndarray | None:
+        """The scales for this pass's map: ``params`` (n, n_nodes) built the reference, ``plain`` the
+        pass's normalised damped update, ``change`` its max relative change. None: use ``plain``."""
+        if self.memory <= 0:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = np.log(np.asarray(plain, dtype=np.float64)).ravel()
+            f = g - np.log(np.asarray(params, dtype=np.float64)).ravel()
+        self.note = ""
+        if not (np.all(np.isfinite(f)) and change < self.last_change):
+            if self.history and self.slow:
+                self.n_restarts += 1
+                self.note = " (change not reduced: plain step, acceleration restarted)"
+            self.history = []  # not reduced (or a non-positive scale): start again from the plain step
+        self.slow = self.slow or change > self.start_ratio * self.last_change
+        self.last_change = change
+        if not np.all(np.isfinite(f)):
+            return None
+        self.history = (self.history + [(g, f)])[-(self.memory + 1):]
+        if len(self.history) < 2 or not self.slow:
+            return None
+        dG = np.stack([b[0] - a[0] for a, b in zip(self.history[:-1], self.history[1:])], axis=1)
+        dF = np.stack([b[1] - a[1] for a, b in zip(self.history[:-1], self.history[1:])], axis=1)
+        gamma = np.linalg.lstsq(dF, f, rcond=1e-6)[0]
+        extra = -dG @ gamma
+        size, limit = np.max(np.abs(extra)), self.step_limit * np.max(np.abs(f))
+        if not np.isfinite(size):
+            self.history = self.history[-1:]
+            return None
+        if size > limit:
+            extra *= limit / size
+        p = np.exp(g + extra).reshape(np.shape(plain))
+        self.n_accelerated += 1
+        self.note = (f" (this map: accelerated scales, {len(self.history) - 1} passes of history"
+                     f"{', step limited' if size > limit else ''})")
+        return p / normalisation(p, ok > 0)
 
 
 def _gather_params(comm, new, ok, fits, mine, params, scaled: bool):

@@ -24,11 +24,20 @@ docs/merge.md, "Scaling"); :mod:`diffuse_cli.scaling_plots` draws them.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 logger = logging.getLogger("diffuse.scaling")
+
+try:  # optional accelerator (Debian: python3-numba), as merge_accumulator
+    import numba
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - depends on the installation
+    numba = None
+    HAVE_NUMBA = False
 
 HUBER_K = 1.345
 TUKEY_C = 4.685
@@ -80,7 +89,8 @@ class FitResult:
 
 
 def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
-              n_irls: int = 6, variance_per_intensity=None, reference_variance=None) -> FitResult:
+              n_irls: int = 6, variance_per_intensity=None, reference_variance=None,
+              redescending: bool = True) -> FitResult:
     """Fit g for one still: I ≈ g(d*²)·I_ref, robust weighted least squares.
 
     All arrays (N,): observed intensity, its σ, the reference intensity at the
@@ -92,7 +102,28 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
     ``reference_variance`` (N,): variance of I_ref (a leave-one-out
     reference, :func:`leave_one_out`); the residual variance is then
     σ² + g²·var(I_ref), so that voxels the other stills barely measured weigh little.
+    With ``n_control_points = 1``, ``d_star_sq`` is not used (None is allowed); the fit
+    then runs as compiled passes over the observations (with numba; the same
+    arithmetic as :func:`_fit_scale_numpy`, bit for bit).
+    ``redescending=False``: Huber weights only, no Tukey phase (merging's first phase, while
+    the scales are not yet determined: docs/merge.md, "Outlier rejection"); with a variance
+    model the gross-outlier cut stays (without it one-sided outliers bias g at low counts).
     """
+    if model.n_control_points == 1 and HAVE_NUMBA and n_irls > 0:
+        return _fit_scale_constant(model, intensity, sigma, reference, n_irls, variance_per_intensity,
+                                   reference_variance, redescending)
+    if d_star_sq is None:
+        if model.n_control_points > 1:
+            raise ValueError("fit_scale: d_star_sq is needed with n_control_points > 1")
+        d_star_sq = np.zeros(np.size(intensity))
+    return _fit_scale_numpy(model, intensity, sigma, reference, d_star_sq, n_irls, variance_per_intensity,
+                            reference_variance, redescending)
+
+
+def _fit_scale_numpy(model: ScaleModel, intensity, sigma, reference, d_star_sq,
+                     n_irls: int = 6, variance_per_intensity=None, reference_variance=None,
+                     redescending: bool = True) -> FitResult:
+    """:func:`fit_scale` in numpy, for any number of control points."""
     I = np.asarray(intensity, dtype=np.float64)
     s = np.asarray(sigma, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
@@ -148,7 +179,7 @@ def fit_scale(model: ScaleModel, intensity, sigma, reference, d_star_sq,
             # would cut the high tail more than the low one and bias g low.
             # Only gross outliers are removed.
             hub = (np.abs(r) <= POISSON_OUTLIER_CUT * scale).astype(np.float64)
-        elif it < n_irls:
+        elif it < n_irls or not redescending:
             u = np.abs(r) / (HUBER_K * scale)
             hub = np.where(u <= 1.0, 1.0, 1.0 / np.maximum(u, 1e-300))
         else:
@@ -184,8 +215,125 @@ def _robust_scale(r: np.ndarray, fallback: float) -> float:
     r = r[np.isfinite(r)]
     if not r.size:
         return fallback
-    mad = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    mad = 1.4826 * float(_median(r, centre=_median(r)))  # np.median(np.abs(r − np.median(r)))
     return mad if mad > 0 else fallback
+
+
+_EMPTY = np.empty(0)
+
+#: float64 work arrays of the compiled fits, reused between fits (a fit's fresh arrays
+#: cost as much in page faults as its passes); merge_prepared shares the dict and
+#: merging clears it after a merge.
+_SCRATCH: dict = {}
+
+
+def _work(name: str, n: int) -> np.ndarray:
+    """A float64 scratch array of length n (per thread), reused between calls."""
+    key = (name, threading.get_ident())
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH[key] = np.empty(max(n, 1))
+    return buf[:n]
+
+
+def _fit_scale_constant(model: ScaleModel, intensity, sigma, reference, n_irls, variance_per_intensity,
+                        reference_variance, redescending=True) -> FitResult:
+    """:func:`fit_scale` for a constant scale (n_control_points = 1) by compiled passes
+    (_sigma_resid, _reweight, ...): the operations of :func:`_fit_scale_numpy` in the same
+    order, without its temporaries. model_variance's floor (1e-3 × the median of the positive
+    c·I_ref) comes from the two middle positive I_ref, found once: for c > 0, c·x rounds
+    monotonically in x, so the order statistics of the products are the products of the
+    order statistics."""
+    I = np.ascontiguousarray(intensity, dtype=np.float64)
+    s = np.ascontiguousarray(sigma, dtype=np.float64)
+    ref = np.ascontiguousarray(reference, dtype=np.float64)
+    n = 1
+    N = I.size
+    if N < max(10, 5 * n):
+        return FitResult(np.full(n, np.nan), int(N), np.nan, np.nan, np.nan, False)
+    # D = G·I_ref with G = 1: I_ref itself, (N, 1) C-ordered as in _fit_scale_numpy (the same BLAS calls)
+    D = _work("fit_D", N).reshape(N, 1)
+    D[:, 0] = ref
+    has_v1 = variance_per_intensity is not None
+    v1 = np.ascontiguousarray(variance_per_intensity, dtype=np.float64) if has_v1 else _EMPTY
+    v_ref = _EMPTY if reference_variance is None else np.ascontiguousarray(reference_variance, dtype=np.float64)
+    w0, r, work, dev = (_work(k, N) for k in ("fit_w0", "fit_r", "fit_work", "fit_dev"))
+    v0 = _EMPTY
+    if has_v1:
+        v0 = _work("fit_v0", N)
+        _v0(I, s, v1, v0)
+        n_pos = _positives(ref, 1.0, work)
+        if n_pos:
+            lo, hi, _ = _middle(work[:n_pos], 0.0, False, r)
+            least = float(work[:n_pos].min())
+
+    def floor_of(g):  # model_variance's floor for the expected intensity g·I_ref
+        if g > 0 and (n_pos == 0 or g * least > 0):
+            if n_pos == 0:
+                return 1e-12
+            a = g * lo
+            return 1e-3 * float(a if n_pos % 2 else (a + g * hi) / 2.0)
+        m = _positives(ref, g, work)
+        if m == 0:
+            return 1e-12
+        a, b, _ = _middle(work[:m], 0.0, False, dev)
+        return 1e-3 * float(a if m % 2 else (a + b) / 2.0)
+
+    _sigma_resid(I, s, v0, v1, ref, v_ref, 0.0, floor_of(1.0) if has_v1 else 0.0, w0, r)
+    hub = _work("fit_hub", N)
+    hub.fill(1.0)
+    P = np.zeros((n, n))
+    c = np.zeros(n)
+    scale = 1.0
+    it = 0
+    Dw = _work("fit_Dw", N).reshape(N, 1)
+    np.multiply(D[:, 0], w0 * hub, out=Dw[:, 0])  # D·w, w = w0·hub
+    while it < 2 * n_irls:
+        c_prev = c
+        N_ = Dw.T @ D
+        b = Dw.T @ I
+        lam = model.smoothness * np.trace(N_) / n
+        try:
+            c = np.linalg.solve(N_ + lam * P, b)
+        except np.linalg.LinAlgError:
+            return FitResult(np.full(n, np.nan), int(N), np.nan, np.nan, np.nan, False)
+        c0 = float(c[0])
+        floor = floor_of(c0 if c0 != 0.0 else 1.0) if has_v1 else 0.0  # D@c if any(c) else I_ref
+        _sigma_resid(I, s, v0, v1, ref, v_ref, c0, floor, w0, r)
+        mad = 1.4826 * _median(r, work, centre=_median(r, work))
+        scale = mad if mad > 0 else (np.std(r) or 1.0)
+        if has_v1:  # as _fit_scale_numpy: gross outliers only
+            mode, t = 0, POISSON_OUTLIER_CUT * scale
+        elif it < n_irls or not redescending:
+            mode, t = 1, HUBER_K * scale
+        else:
+            mode, t = 2, TUKEY_C * scale
+        changed = _reweight(r, w0, ref, mode, t, hub, Dw)
+        it += 1
+        if it > 1 and np.all(np.abs(c - c_prev) <= 1e-12 * np.abs(c)) and not changed:
+            if not has_v1 and it <= n_irls:
+                it = n_irls
+            else:
+                break
+    # r: (I − D@c)/s_model of the final c, from its last iteration (n_irls > 0)
+    inl = hub > 0
+    n_in = int(np.count_nonzero(inl))
+    if n_in == N:  # no outlier: the arrays themselves, not copies
+        r_in, I_in, ref_in = r, I, ref
+    else:
+        r_in, I_in, ref_in = (np.compress(inl, a, out=_work(k, n_in)) for a, k in
+                              ((r, "fit_r_in"), (I, "fit_I_in"), (ref, "fit_ref_in")))
+    rms = float(np.sqrt(np.mean(np.square(r_in, out=dev[:n_in])))) if n_in else np.nan
+    cc = float(np.corrcoef(I_in, ref_in)[0, 1]) if n_in > 2 and np.std(ref_in) > 0 else np.nan
+    ok = bool(np.all(np.isfinite(c)) and np.all(c > 0))
+    if reference_variance is not None:
+        c0 = float(c[0])
+        m = _final_resid(I, s, v0, v1, ref, c0, floor_of(c0) if has_v1 else 0.0, work)
+        if m:  # _robust_scale of the finite values
+            x = work[:m]
+            mad = 1.4826 * float(_median(x, dev, centre=_median(x, dev)))
+            scale = mad if mad > 0 else scale
+    return FitResult(c, int(N), rms, cc, float(np.mean(~inl)), ok, float(scale))
 
 
 def normalisation(params: np.ndarray, ok: np.ndarray) -> float:
@@ -213,7 +361,7 @@ def model_variance(intensity, sigma, variance_per_intensity, expected):
     v0 = np.maximum(np.asarray(sigma, dtype=np.float64) ** 2 - v1 * intensity, 0.0)
     e = np.asarray(expected, dtype=np.float64)
     pos = e[e > 0]
-    floor = 1e-3 * float(np.median(pos)) if pos.size else 1e-12
+    floor = 1e-3 * float(_median(pos)) if pos.size else 1e-12  # _median: np.median bit for bit
     return v1 * np.maximum(e, floor) + v0
 
 
@@ -325,3 +473,219 @@ def leave_one_out_voxels(ref_I, ref_sigma, ref_counts, voxel, intensity, sigma, 
                   & np.isfinite(ref) & np.isfinite(W))
         ref_var = np.where(usable, 1.0 / W_other, np.nan)
     return np.where(usable, ref, np.nan), ref_var, usable
+
+
+# ---------------------------------------------------------------- compiled pieces of the fits
+#
+# The same floating-point operations, in the same order, as the numpy expressions
+# they replace (fit_scale's results are bit for bit those of _fit_scale_numpy; tested).
+# A median is two order statistics (the same values whatever the selection algorithm),
+# averaged as np.median averages them.
+
+def _select_py(a, lo, hi, k):
+    """Partition a[lo:hi + 1] (no NaN) in place so that a[k] is its (k − lo)-th smallest (Wirth's find,
+    median-of-three pivots; a full sort of what is left after 64 rounds)."""
+    rounds = 0
+    while lo < hi:
+        rounds += 1
+        if rounds > 64:
+            a[lo:hi + 1].sort()
+            return
+        x, y, z = a[lo], a[(lo + hi) // 2], a[hi]
+        if x < y:
+            p = y if y < z else (z if x < z else x)
+        else:
+            p = x if x < z else (z if y < z else y)
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < p:
+                i += 1
+            while p < a[j]:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+        if j < k:
+            lo = i
+        if k < i:
+            hi = j
+
+
+def _middle_py(x, centre, absdev, work):
+    """(v_(k0), v_(k1), has_nan) of the values v = x (absdev False) or |x − centre| (as
+    np.abs(x − centre)) of 1-D float64 x, k0 = (n − 1)//2, k1 = n//2: the order statistics
+    np.median averages. Large x: the values inside a window that a strided sample puts
+    around the median are gathered and selected from (one pass over x); if the window
+    misses them, all of them. ``work``: scratch of x's length."""
+    n = x.shape[0]
+    k0 = (n - 1) // 2
+    k1 = n // 2
+    if n >= 8192:
+        step = n // 2048
+        ns = (n + step - 1) // step
+        smp = np.empty(ns)
+        for t in range(ns):
+            smp[t] = abs(x[t * step] - centre) if absdev else x[t * step]
+        smp.sort()
+        half = int(1.5 * np.sqrt(ns)) + 8
+        lo = smp[max(0, ns // 2 - half)]
+        hi = smp[min(ns - 1, ns // 2 + half)]
+        if lo == lo and hi == hi:
+            below = 0
+            m = 0
+            nan = False
+            for i in range(n):  # branch-free: random data would mispredict every other branch
+                v = abs(x[i] - centre) if absdev else x[i]
+                below += v < lo
+                work[m] = v
+                m += (v >= lo) & (v <= hi)
+                nan |= v != v
+            if nan:
+                return np.nan, np.nan, True
+            if below <= k0 and k1 < below + m:
+                _select(work, 0, m - 1, k0 - below)
+                a = work[k0 - below]
+                b = a if k1 == k0 else work[k0 - below + 1:m].min()
+                return a, b, False
+    for i in range(n):
+        v = abs(x[i] - centre) if absdev else x[i]
+        if v != v:
+            return np.nan, np.nan, True
+        work[i] = v
+    _select(work, 0, n - 1, k0)
+    a = work[k0]
+    b = a if k1 == k0 else work[k0 + 1:n].min()
+    return a, b, False
+
+
+def _positives_py(x, factor, out):
+    """The positive values of factor·x into out (in order); returns their number."""
+    m = 0
+    for i in range(x.shape[0]):
+        v = x[i] * factor
+        if v > 0.0:
+            out[m] = v
+            m += 1
+    return m
+
+
+def _sigma_resid_py(I, s, v0, v1, ref, vref, c0, floor, w0, r):
+    """fit_scale's sigma_of(c) (s_model) for a constant scale c = (c0,): w0 = 1/s_model² and
+    r = (I − D@c)/s_model, D@c = ref·c0; the variance's expected intensity and reference
+    term use D@c and G@c = c0, or ref and 1 when c0 = 0. v1, vref: empty if not given;
+    v0 = max(σ² − v1·I, 0); floor: model_variance's floor. The variance goes to w0 first:
+    two loops over few arrays vectorise, one over all of them does not."""
+    n = I.shape[0]
+    g = c0 if c0 != 0.0 else 1.0
+    gg = g * g
+    has_v1 = v1.shape[0] > 0
+    has_vref = vref.shape[0] > 0
+    if has_v1 and has_vref:
+        for i in range(n):
+            e = ref[i] * g
+            m = e if (e >= floor or e != e) else floor  # np.maximum
+            w0[i] = v1[i] * m + v0[i] + gg * vref[i]
+    elif has_v1:
+        for i in range(n):
+            e = ref[i] * g
+            m = e if (e >= floor or e != e) else floor
+            w0[i] = v1[i] * m + v0[i] + 0.0
+    elif has_vref:
+        for i in range(n):
+            w0[i] = s[i] * s[i] + gg * vref[i]
+    if has_v1 or has_vref:
+        for i in range(n):
+            sm = np.sqrt(w0[i])
+            w0[i] = 1.0 / (sm * sm)
+            r[i] = (I[i] - ref[i] * c0) / sm
+    else:  # s_model = σ
+        for i in range(n):
+            sm = s[i]
+            w0[i] = 1.0 / (sm * sm)
+            r[i] = (I[i] - ref[i] * c0) / sm
+
+
+def _reweight_py(r, w0, ref, mode, t, hub, Dw):
+    """fit_scale's robust weights from r, in place in hub: mode 0 |r| ≤ t (t = cut·scale),
+    1 Huber (t = k·scale), 2 Tukey's biweight (t = c·scale); Dw[:, 0] = ref·(w0·hub), the
+    next iteration's D·w. Returns whether any weight changed."""
+    changed = False
+    for i in range(r.shape[0]):
+        x = r[i]
+        if mode == 0:
+            h = 1.0 if abs(x) <= t else 0.0
+        elif mode == 1:
+            u = abs(x) / t
+            if u <= 1.0:
+                h = 1.0
+            else:
+                h = 1.0 / (u if (u >= 1e-300 or u != u) else 1e-300)
+        else:
+            u = x / t
+            if abs(u) < 1.0:
+                q = 1.0 - u * u
+                h = q * q
+            else:
+                h = 0.0
+        if h != hub[i]:
+            changed = True
+        hub[i] = h
+        Dw[i, 0] = ref[i] * (w0[i] * h)
+    return changed
+
+
+def _final_resid_py(I, s, v0, v1, ref, c0, floor, out):
+    """The finite values of (I − D@c)/s_obs (s_obs = σ, or √model_variance at D@c = ref·c0)
+    into out, in order; returns their number."""
+    has_v1 = v1.shape[0] > 0
+    m = 0
+    for i in range(I.shape[0]):
+        mu = ref[i] * c0
+        if has_v1:
+            m_e = mu if (mu >= floor or mu != mu) else floor
+            so = np.sqrt(v1[i] * m_e + v0[i])
+        else:
+            so = s[i]
+        x = (I[i] - mu) / so
+        if np.isfinite(x):
+            out[m] = x
+            m += 1
+    return m
+
+
+def _v0_py(I, s, v1, out):
+    """out = max(σ² − v1·I, 0) (model_variance's background part)."""
+    for i in range(I.shape[0]):
+        x = s[i] * s[i] - v1[i] * I[i]
+        out[i] = x if (x >= 0.0 or x != x) else 0.0
+
+
+if HAVE_NUMBA:  # error_model numpy: x/0 is ±inf or NaN, √(−x) NaN, as in numpy
+    _jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+    _select = _jit(_select_py)
+    _middle = _jit(_middle_py)
+    _positives = _jit(_positives_py)
+    _sigma_resid = _jit(_sigma_resid_py)
+    _reweight = _jit(_reweight_py)
+    _final_resid = _jit(_final_resid_py)
+    _v0 = _jit(_v0_py)
+else:  # pragma: no cover - fit_scale and _median use numpy then
+    _select, _middle, _positives = _select_py, _middle_py, _positives_py
+    _sigma_resid, _reweight, _final_resid, _v0 = _sigma_resid_py, _reweight_py, _final_resid_py, _v0_py
+
+
+def _median(x: np.ndarray, work: np.ndarray | None = None, centre=None):
+    """np.median(x), or with ``centre`` np.median(np.abs(x − centre)), of a 1-D float64
+    array, bit for bit (compiled selection; ``work``: scratch, len(x)); other arrays: numpy."""
+    x = np.asarray(x)
+    if not HAVE_NUMBA or x.dtype != np.float64 or x.ndim != 1 or x.size == 0:
+        return np.median(x if centre is None else np.abs(x - centre))
+    x = np.ascontiguousarray(x)
+    a, b, nan = _middle(x, 0.0 if centre is None else float(centre), centre is not None,
+                        np.empty(x.size) if work is None else work)
+    if nan:
+        return np.float64(np.nan)
+    return np.float64(a) if x.size % 2 else np.float64((a + b) / 2.0)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffuse_cli.scaling import (HUBER_K, POISSON_OUTLIER_CUT, FitResult, ScaleModel, _robust_scale,
+from diffuse_cli.scaling import (HUBER_K, POISSON_OUTLIER_CUT, FitResult, ScaleModel, _median, _robust_scale,
                                  model_variance, normalisation)
 
 # ---------------------------------------------------------------- richer scaling model
@@ -404,7 +404,7 @@ class ScalingTerms:
             mu = model_of(p)
             s_model = sigma_of(mu, p)
             r = (I - mu) / s_model
-            mad = 1.4826 * np.median(np.abs(r - np.median(r)))
+            mad = 1.4826 * _median(r, centre=_median(r))  # np.median(|r − np.median(r)|), bit for bit
             scale = mad if mad > 0 else (np.std(r) or 1.0)
             if v1 is not None:
                 hub = (np.abs(r) <= POISSON_OUTLIER_CUT * scale).astype(np.float64)

@@ -117,6 +117,21 @@ class LaueSymmetry:
         inside = eval(self._asu_code, {"__builtins__": {}}, env)  # noqa: S307 (cctbx's own ASU text)
         return np.asarray(inside, dtype=bool) & exact
 
+    def is_inside_broadcast(self, h, k, l) -> np.ndarray:
+        """:meth:`is_inside` of the integer indices (h, k, l) given as arrays that broadcast
+        against each other (e.g. (n, 1, 1), (1, m, 1), (1, 1, p) for a block of a grid):
+        each condition is evaluated on the axes it involves, only their combination is
+        full-sized. The result may have a smaller (broadcastable) shape."""
+        h, k, l = (np.asarray(x, dtype=np.int64) for x in (h, k, l))
+        exact = True
+        if self._to_reference is not None:
+            m, den = self._to_reference
+            w = [h * m[0, j] + k * m[1, j] + l * m[2, j] for j in range(3)]  # the row vector times m
+            exact = (w[0] % den == 0) & (w[1] % den == 0) & (w[2] % den == 0)
+            h, k, l = (x // den for x in w)
+        inside = eval(self._asu_code, {"__builtins__": {}}, {"h": h, "k": k, "l": l})  # noqa: S307
+        return np.asarray(inside, dtype=bool) & exact
+
     def map_to_asu(self, v: np.ndarray) -> np.ndarray:
         """ASU representative (N, 3) of integer indices (N, 3); one pass per operator."""
         v = np.asarray(v, dtype=np.int64).reshape(-1, 3)

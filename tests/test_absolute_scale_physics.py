@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from diffuse_cli import absolute_scale as absc
+from diffuse_cli import absolute_scale_wilson as absw
 
 # Incoherent scattering functions S(x, Z), x = sin(θ)/λ in Å⁻¹, from Table I of
 # J. H. Hubbell, Wm. J. Veigele, E. A. Briggs, R. T. Brown, D. T. Cromer and
@@ -109,7 +110,7 @@ def _simulated_bragg(B, n_stills=40, per_still=400, seed=0, d_min=1.8, d_max=12.
 @pytest.mark.parametrize("B", [12.0, 25.0, 45.0])
 def test_wilson_b_recovered_from_simulated_stills(B):
     d_star, I, p, g = _simulated_bragg(B, seed=int(B))
-    fit = absc.estimate_wilson_b(d_star, I, COMPOSITION, partiality=p, group=g, d_max=4.0)
+    fit = absw.estimate_wilson_b(d_star, I, COMPOSITION, partiality=p, group=g, d_max=4.0)
     assert fit.B == pytest.approx(B, rel=0.10), fit.as_dict()
     assert fit.sigma_B < 0.1 * B
     assert fit.n_groups == 40 and fit.n_reflections > 5000
@@ -137,8 +138,8 @@ def test_wilson_b_with_partialities_refined_from_excitation_errors(halo):
     obs = full * np.exp(-0.5 * (eps / r_true) ** 2) + under + rng.normal(0, sigma, n)
     r_given = np.full(n, 1e-3)  # too wide, most at low resolution (as DIALS's on the XFEL simulation)
     p_given = np.exp(-0.5 * (eps / r_given) ** 2)
-    fixed = absc.estimate_wilson_b(d_star, obs, COMPOSITION, partiality=p_given, group=group)
-    fit = absc.estimate_wilson_b(d_star, obs, COMPOSITION, partiality=p_given, group=group,
+    fixed = absw.estimate_wilson_b(d_star, obs, COMPOSITION, partiality=p_given, group=group)
+    fit = absw.estimate_wilson_b(d_star, obs, COMPOSITION, partiality=p_given, group=group,
                                  excitation_error=eps, variance=np.full(n, sigma**2))
     print("fixed partialities B = %.1f, refined B = %.1f ± %.1f" % (fixed.B, fit.B, fit.sigma_B), fit.as_dict())
     assert abs(fixed.B - B) > 4 * fixed.sigma_B  # the test can fail: the given partialities bias B
@@ -159,7 +160,7 @@ def test_wilson_b_needs_significant_shells():
     rng = np.random.default_rng(1)
     d_star = rng.uniform(0.26, 0.5, 500)
     with pytest.raises(ValueError):
-        absc.estimate_wilson_b(d_star, rng.normal(0, 1, 500), COMPOSITION)
+        absw.estimate_wilson_b(d_star, rng.normal(0, 1, 500), COMPOSITION)
 
 
 def _reflection_table(d_star, I, p, group, hkl, wavelength):
@@ -208,13 +209,13 @@ def test_wilson_b_from_a_reflection_table_with_polarization_and_epsilon(tmp_path
         crystal = Crystal((50, 0, 0), (0, 50, 0), (0, 0, 70), space_group_symbol="P4")
         experiments.append(Experiment(beam=beam, crystal=crystal))
     table = _reflection_table(d_star, I, p, g, hkl, lam)
-    arrays = absc.bragg_intensities(table, experiments)
-    fit = absc.estimate_wilson_b(arrays["d_star"], arrays["intensity"], COMPOSITION,
+    arrays = absw.bragg_intensities(table, experiments)
+    fit = absw.estimate_wilson_b(arrays["d_star"], arrays["intensity"], COMPOSITION,
                                  partiality=arrays["partiality"], group=arrays["group"])
     assert fit.B == pytest.approx(B, rel=0.10), fit.as_dict()
     # without the polarization and ε corrections the estimate is off (the test can fail)
-    raw = absc.estimate_wilson_b(d_star, table["intensity.sum.value"].as_numpy_array(), COMPOSITION,
+    raw = absw.estimate_wilson_b(d_star, table["intensity.sum.value"].as_numpy_array(), COMPOSITION,
                                  partiality=p, group=g)
     assert abs(raw.B - B) > abs(fit.B - B)
-    absc.plot_wilson(fit, tmp_path / "w.png")
+    absw.plot_wilson(fit, tmp_path / "w.png")
     assert (tmp_path / "w.png").stat().st_size > 10000

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from diffuse_cli import azimuthal as az
+from diffuse_cli import azimuthal_pixels as azp
 from diffuse_cli import pyfai_glue
 from diffuse_cli import profile_fitting as pf
+from diffuse_cli import order_parameter as op
+from diffuse_cli import profile_shapes as ps
 
 
 def make_models(n=300, pixel=0.5, distance=120.0, wavelength=1.0, beam_centre=None, trusted=(-1, 1e6)):
@@ -25,7 +28,7 @@ def make_models(n=300, pixel=0.5, distance=120.0, wavelength=1.0, beam_centre=No
 @pytest.fixture(scope="module")
 def models():
     det, beam = make_models()
-    return det, beam, az.DetectorPixels.from_models(det, beam)
+    return det, beam, azp.DetectorPixels.from_models(det, beam)
 
 
 def test_units_and_chi_convention(models):
@@ -53,7 +56,7 @@ def test_radial_profile_of_isotropic_function(models):
     def f(q):
         return 100.0 + 50.0 * np.exp(-((q - 1.2) ** 2) / (2 * 0.15**2))
 
-    image = az.ImageData.from_array(f(px.q), px)
+    image = azp.ImageData.from_array(f(px.q), px)
     b = az.radial_binning(px, n_bins=100)
     prof = b.profile(image)
     ok = prof.n_pixels > 50
@@ -69,7 +72,7 @@ def test_masked_and_untrusted_pixels_are_left_out_not_zero(models):
     mask = ~((px.q > 1.0) & (px.q < 1.1))
     values[~mask] = 0.0  # masked pixels would drag bins down if counted
     values[::97] = -5.0  # below the trusted range (-1, 1e6): per-image bad pixels
-    image = az.ImageData.from_array(values, px)
+    image = azp.ImageData.from_array(values, px)
     b = az.radial_binning(px, mask=mask, n_bins=200)
     prof = b.profile(image)
     inside = (prof.edges[:-1] > 1.0) & (prof.edges[1:] < 1.1)
@@ -89,7 +92,7 @@ def test_binning_reused_across_images_matches_fresh(models):
     for k in range(3):
         values = rng.poisson(20, px.n_pixels).astype(np.int32)
         values[rng.integers(0, px.n_pixels, 100 * (k + 1))] = -2  # different bad pixels each time
-        image = az.ImageData.from_array(values, px)
+        image = azp.ImageData.from_array(values, px)
         p1 = b.profile(image)
         p2 = az.radial_binning(px, n_bins=50).profile(image)
         np.testing.assert_array_equal(p1.n_pixels, p2.n_pixels)
@@ -105,7 +108,7 @@ def test_spread_error_model(models):
     det, beam, px = models
     rng = np.random.default_rng(2)
     values = rng.normal(50, 3, px.n_pixels)
-    image = az.ImageData.from_array(values, px)
+    image = azp.ImageData.from_array(values, px)
     b = az.radial_binning(px, n_bins=20)
     I, sigma, n = b.integrate(image, "spread")
     j = 10
@@ -134,23 +137,23 @@ def test_anisotropic_ring_peak_at_simulated_angle(models, chi0):
     q0, m = 1.3, 3.0
     ring = np.exp(-((px.q - q0) ** 2) / (2 * 0.3**2))  # broad: nearly flat within the band
     values = 5.0 + 200.0 * ring * np.exp(m * (np.cos(np.radians(px.chi - chi0)) ** 2 - 1))
-    image = az.ImageData.from_array(values, px)
+    image = azp.ImageData.from_array(values, px)
     b = az.azimuthal_binning(px, q0, 0.02, n_bins=90)
     prof = b.profile(image, "spread")
     assert np.all(prof.n_pixels > 0)
     res = pf.fit_maier_saupe(prof.x, prof.I, prof.sigma)
     assert res.success, res.message
-    assert abs(pf.wrap_degrees(2 * (res.params["centre"] - chi0)) / 2) < 0.5
+    assert abs(ps.wrap_degrees(2 * (res.params["centre"] - chi0)) / 2) < 0.5
     # the ring is not a delta in q, but every pixel has the same angular factor
     assert res.params["m"] == pytest.approx(m, rel=0.02)
-    assert res.S == pytest.approx(pf.maier_saupe_S(m), abs=5e-3)
+    assert res.S == pytest.approx(op.maier_saupe_S(m), abs=5e-3)
 
 
 def test_cake_and_qmap_and_centrosymmetric_fill(models):
     det, beam, px = models
     values = 1.0 + px.q
     mask = px.chi < 60  # mask a wedge 60..180
-    image = az.ImageData.from_array(values, px)
+    image = azp.ImageData.from_array(values, px)
     cake = az.cake_binning(px, mask=mask, n_q=50, n_chi=36)
     m, n = cake.map2d(image)
     assert m.shape == (50, 36)
@@ -171,7 +174,7 @@ def test_cake_and_qmap_and_centrosymmetric_fill(models):
 
 def test_profile_csv_columns_and_sasview(tmp_path, models):
     det, beam, px = models
-    image = az.ImageData.from_array(np.full(px.n_pixels, 3.0), px)
+    image = azp.ImageData.from_array(np.full(px.n_pixels, 3.0), px)
     prof = az.radial_binning(px, n_bins=30).profile(image)
     prof.write_csv(tmp_path / "p.csv")
     import csv
@@ -220,7 +223,7 @@ def test_compressed_sector_binning_with_bad_pixels(models):
     for k in range(2):
         values = rng.poisson(30, px.n_pixels).astype(np.int32)
         values[rng.integers(0, px.n_pixels, 5000)] = -3  # untrusted, some inside the sector
-        image = az.ImageData.from_array(values, px)
+        image = azp.ImageData.from_array(values, px)
         I, sigma, n = b.integrate(image)
         sector = az.in_sector(px.chi, -170.0, 30.0) & (values > -1)
         edges = b.edges
@@ -236,7 +239,7 @@ def test_non_finite_and_overloaded_pixels_are_left_out(models):
     values[::50] = np.nan
     values[7::50] = np.inf
     values[9::50] = 2e6  # above the trusted range (-1, 1e6): overloaded
-    image = az.ImageData.from_array(values, px)
+    image = azp.ImageData.from_array(values, px)
     for binning in (az.radial_binning(px, n_bins=30), az.radial_binning(px, n_bins=30, sectors=[(45.0, 20.0)])):
         I, sigma, n = binning.integrate(image)
         ok = n > 0
@@ -270,7 +273,7 @@ def test_pyfai_conversion_of_tilted_panel(tilt):
     params = pyfai_glue.pyfai_geometry(panel, beam)
     assert any(abs(params[k]) > 1e-3 for k in ("rot1", "rot2", "rot3"))
     ai = pyfai_glue.pyfai_integrator(panel, beam)
-    px = az.DetectorPixels.from_models(det, beam)
+    px = azp.DetectorPixels.from_models(det, beam)
     q_pyfai = ai.qArray().ravel() / 10.0
     # relative agreement fails only near the beam (q -> 0): absolute 1e-6 Å⁻¹
     np.testing.assert_allclose(q_pyfai, px.q, rtol=1e-6, atol=1e-6)

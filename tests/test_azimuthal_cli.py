@@ -12,9 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from diffuse_cli import azimuthal as az
+from diffuse_cli import azimuthal_pixels as azp
 from diffuse_cli import azimuthal_series
-from diffuse_cli import profile_fitting as pf
+from diffuse_cli import order_parameter as op
+from diffuse_cli import profile_shapes as ps
 from diffuse_cli.command_line import azimuthal_fit
 
 from conftest import REPO
@@ -63,7 +64,7 @@ def write_image(path, chi0, field, rng):
     from scitbx.array_family import flex
 
     det, beam, gonio, scan = models(flux=field)
-    px = az.DetectorPixels.from_models(det, beam)
+    px = azp.DetectorPixels.from_models(det, beam)
     ring = np.exp(-((px.q - Q0) ** 2) / (2 * 0.25**2))
     intensity = 20.0 + 400.0 * ring * np.exp(M * (np.cos(np.radians(px.chi - chi0)) ** 2 - 1))
     mean = intensity * recording_factor(det, beam)
@@ -120,14 +121,14 @@ def test_series_fit_end_to_end(series_images, tmp_path):
         assert float(r["field_mT"]) == field
         assert r["success"] == "true"
         # centre (mod 180) at the simulated director, DIALS χ convention
-        assert abs(pf.wrap_degrees(2 * (float(r["centre"]) - chi0)) / 2) < 1.0
+        assert abs(ps.wrap_degrees(2 * (float(r["centre"]) - chi0)) / 2) < 1.0
         assert float(r["m"]) == pytest.approx(M, rel=0.05)
-        assert float(r["S"]) == pytest.approx(pf.maier_saupe_S(M), abs=0.02)
+        assert float(r["S"]) == pytest.approx(op.maier_saupe_S(M), abs=0.02)
         assert float(r["q_inv_angstrom"]) == pytest.approx(Q0)
     # S_total: <P2> of the whole simulated I(χ) (background 20 counts, ring
     # factor ≈ 1 in the band), the same whichever peak model was fitted
     ring = np.exp(-(0.03**2) / 6 / (2 * 0.25**2))  # band average of the Gaussian ring, to O(tol²)
-    s_total_truth = pf.order_parameter_odf(lambda t: 20.0 + 400.0 * ring * np.exp(M * (np.cos(t) ** 2 - 1)))
+    s_total_truth = op.order_parameter_odf(lambda t: 20.0 + 400.0 * ring * np.exp(M * (np.cos(t) ** 2 - 1)))
     for r in rows:
         if r["profile"].startswith("azimuthal"):
             assert float(r["S_total"]) == pytest.approx(s_total_truth, abs=0.005)

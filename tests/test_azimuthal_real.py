@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffuse_cli import azimuthal as az
+from diffuse_cli import azimuthal_pixels as azp
 from diffuse_cli import pyfai_glue
 
 pytestmark = pytest.mark.real_data
@@ -25,7 +26,7 @@ def thaumatin(real_images):
     expt = _experiment(path)
     # pyFAI does not model parallax: compare with the parallax-free geometry
     det = pyfai_glue.without_parallax(expt.detector)
-    pixels = az.DetectorPixels.from_models(det, expt.beam)
+    pixels = azp.DetectorPixels.from_models(det, expt.beam)
     raw = expt.imageset.get_raw_data(0)
     return expt, det, pixels, raw
 
@@ -51,10 +52,10 @@ def test_pyfai_conversion_of_untilted_panel(thaumatin):
 
 def test_radial_profile_matches_pyfai_integrate1d(thaumatin):
     expt, det, pixels, raw = thaumatin
-    image = az.ImageData(raw, pixels)
+    image = azp.ImageData(raw, pixels)
     binning = az.radial_binning(pixels, n_bins=500)
     prof = binning.profile(image)
-    data = az.flatten_panels(raw).reshape(pixels.panel_shapes[0])
+    data = azp.flatten_panels(raw).reshape(pixels.panel_shapes[0])
     lo, hi = det[0].get_trusted_range()
     pyfai_mask = ~((data > lo) & (data < hi))  # pyFAI: nonzero = masked
     ai = pyfai_glue.pyfai_integrator(det[0], expt.beam)
@@ -82,13 +83,13 @@ def cspad(real_images):
     path = real_images("thermolysin_cspad_stills", 1)[0]
     expt = _experiment(path)
     det = pyfai_glue.without_parallax(expt.detector)
-    return expt, det, az.DetectorPixels.from_models(det, expt.beam), expt.imageset.get_raw_data(0)
+    return expt, det, azp.DetectorPixels.from_models(det, expt.beam), expt.imageset.get_raw_data(0)
 
 
 def test_multipanel_profile_is_continuous_across_panel_gaps(cspad):
     expt, det, pixels, raw = cspad
     assert len(det) == 64
-    image = az.ImageData(raw, pixels)
+    image = azp.ImageData(raw, pixels)
     binning = az.radial_binning(pixels, n_bins=200)
     prof = binning.profile(image)
     # every bin holds pixels here; an empty bin would be NaN, never 0

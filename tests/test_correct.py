@@ -370,3 +370,35 @@ def test_default_phil_file_parses():
     assert params.output.directory == "corrected"
     # same defaults as the program
     assert working.as_str() == correct.phil_scope.fetch().as_str()
+
+
+def test_sampled_factors_give_the_full_arrays_values():
+    """correct's summary sample gathers from per-detector arrays at every SAMPLE_STRIDE-th
+    pixel (correct_driver._sampled): the same totals, bit for bit, as corrections.shot_total
+    on the full arrays (load_observations' path), panels with different sensor μ and
+    panel boundaries that are not multiples of the stride included."""
+    from diffuse_cli import correct_driver
+    from diffuse_cli.formats.extract import SAMPLE_STRIDE, sample_pixels
+
+    rng = np.random.default_rng(3)
+    n_pix = 5 * SAMPLE_STRIDE * 40 + 17
+    offsets = np.array([0, 3001, 3001 + 5 * SAMPLE_STRIDE * 7, n_pix])  # one boundary on a multiple
+    factors = {
+        "total": rng.random(n_pix),
+        "direction": rng.random(n_pix).astype(np.float32),
+        "paths": {"air_path_mm": rng.random(n_pix).astype(np.float32) * 200,
+                  "sensor_path_mm": rng.random(n_pix).astype(np.float32)},
+        "panel_offsets": offsets,
+    }
+    mask = rng.random(n_pix) > 0.3
+    mask[(3001 // SAMPLE_STRIDE) * SAMPLE_STRIDE] = True  # the last sampled pixel before a boundary
+    pixels = sample_pixels(np.packbits(mask), n_pix)
+    assert np.array_equal(pixels, np.flatnonzero(mask)[np.flatnonzero(mask) % SAMPLE_STRIDE == 0])
+    at = correct_driver._sampled(factors)
+    index = pixels // SAMPLE_STRIDE
+    assert np.array_equal(at["total"][index], factors["total"][pixels])
+    coefficients = {"air_mu_per_mm": 1.1e-3, "kapton_mu_per_mm": 0.0, "sensor_mu_per_mm": np.array([3.0, 0.0, 4.5])}
+    full = C.shot_total(factors["direction"], factors["paths"], coefficients, pixels, factors["panel_offsets"])
+    compact = C.shot_total(at["direction"], at["paths"], coefficients, index, at["panel_offsets"])
+    assert np.array_equal(compact, full)
+    assert correct_driver._sampled(factors) is at  # made once per detector

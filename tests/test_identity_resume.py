@@ -493,7 +493,7 @@ def test_merge_two_crystals_onto_one_reference(corrected, sims, tmp_path):
     A_p = np.asarray(truth_experiments(sims["B2"], CYCLIC, "P1")[0].crystal.get_A()).reshape(3, 3)
     M = change_of_basis_onto(b_matrix(cell_of(A_p)), CELL, 0.02, 2.0)
     undo = np.rint(CYCLIC @ M).astype(int)  # true h -> reported (CYCLIC) -> reindexed (M)
-    from diffuse_cli.ambiguity import _op_string
+    from diffuse_cli.ambiguity_cosets import _op_string
 
     assert {op for op in ops if op} == {_op_string(M)}
     laue = LaueSymmetry("P43212")

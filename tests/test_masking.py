@@ -314,6 +314,34 @@ def test_shoebox_mask_on_thaumatin(thaumatin, tmp_path):
     assert bragg[flat].mean() > 0.99
 
 
+def test_shoebox_mask_skips_rows_without_shoebox_data():
+    """Rows DIALS never integrated carry an empty shoebox: method=shoebox projects the
+    others (their Foreground pixels, set here by hand) and refuses a table with none."""
+    from dials.algorithms.shoebox import MaskCode
+    from dials.array_family import flex as dflex
+    from dials.model.data import Shoebox
+
+    geom = ex.DetectorGeometry("k", np.array([(20, 30)], dtype=np.int32), np.zeros((600, 3), np.float32), np.zeros(3), 1.0)
+    table = dflex.reflection_table()
+    table["panel"] = dflex.size_t(3, 0)
+    table["bbox"] = dflex.int6([(2, 5, 3, 6, 0, 1), (10, 14, 8, 12, 0, 1), (20, 25, 1, 4, 0, 1)])
+    table["shoebox"] = dflex.shoebox(3)
+    for i in (0, 2):  # row 1 keeps an empty (unallocated) shoebox
+        sb = Shoebox(0, table["bbox"][i])
+        sb.allocate()
+        m = sb.mask.as_numpy_array()
+        m[...] = MaskCode.Valid
+        m[0, 0, 0] |= MaskCode.Foreground
+        mask = dflex.int(m.astype(np.int32).ravel().tolist())
+        mask.reshape(dflex.grid(m.shape))
+        sb.mask = mask
+        table["shoebox"][i] = sb
+    bragg = mk.shoebox_bragg_mask(table, geom)
+    assert sorted(np.flatnonzero(bragg)) == sorted([3 * 30 + 2, 1 * 30 + 20])  # (y0, x0) of rows 0 and 2
+    with pytest.raises(Sorry, match="no shoebox data"):
+        mk.shoebox_bragg_mask(table.select(dflex.bool([False, True, False])), geom)
+
+
 # ---------------------------------------------------------------- program conventions
 
 
@@ -557,3 +585,211 @@ def test_frame_counts_reads_each_frame_once(monkeypatch):
     mask_driver._frame_counts(images, 0, keep=False)
     assert reads == [0, 1, 0]
     mask_driver._FRAMES.clear()
+
+
+def _dynamic_mask_by_median_filter(images, geometry, valid, hot_n_sigma=10.0, hot_min_excess=5.0,
+                                   dead_min_expected=20.0, filter_size=5, hot_fraction=1.0, min_hot_images=1):
+    """The dynamic mask as documented, its reference b by scipy's whole-frame median_filter."""
+    from scipy.ndimage import median_filter
+
+    stack = np.array(images)
+    c = stack.astype(np.float32)
+    lo, hi, n = c.min(axis=0), c.max(axis=0), len(images)
+    mean = (c.astype(np.float64).sum(axis=0) / n).astype(np.float32)
+    ref = np.empty_like(mean)
+    off = geometry.panel_offsets
+    for i, shape in enumerate(geometry.panel_shapes):
+        m = mean[off[i]:off[i + 1]].copy()
+        ok = valid[off[i]:off[i + 1]]
+        m[~ok] = np.median(m[ok])
+        ref[off[i]:off[i + 1]] = median_filter(m.reshape(tuple(shape)), size=filter_size, mode="nearest").ravel()
+    threshold = ref + hot_min_excess + hot_n_sigma * np.sqrt(np.maximum(ref, 0))
+    if hot_fraction >= 1.0:
+        hot = valid & (lo > threshold)
+    else:
+        need = max(int(np.ceil(hot_fraction * n)), int(min_hot_images))
+        hot = valid & ((stack > threshold).sum(axis=0) >= need)
+    dead = valid & (hi == 0) & (n * ref >= dead_min_expected)
+    return ~(hot | dead)
+
+
+@pytest.mark.parametrize("hot_fraction, filter_size", [(1.0, 5), (0.75, 5), (0.5, 4)])
+def test_dynamic_mask_equals_the_whole_frame_median_filter(hot_fraction, filter_size):
+    """mask_pixels.dynamic_mask takes the reference median only where the window's minimum and
+    maximum leave the hot/dead tests open: the mask is the one of the whole-frame median_filter."""
+    geometry = _two_panel_geometry()
+    n = geometry.n_pixels
+    rng = np.random.default_rng(8)
+    level = np.where(np.arange(n) < 37 * 50, 6.0, 0.8)  # a bright and a dim panel (dead pixels count)
+    images = []
+    hot = rng.choice(n, 40, replace=False)
+    for i in range(5):
+        img = rng.poisson(level).astype(np.int32)
+        img[hot[8:24]] += 100  # hot in every image
+        img[hot[24:]] += rng.integers(0, 60, hot.size - 24)  # in some images only, at all levels
+        img[rng.integers(0, n, 30)] += 400  # moving "Bragg peaks"
+        img[hot[:8]] = 0  # dead
+        images.append(img)
+    valid = rng.random(n) > 0.03
+    dyn, stats = mk.dynamic_mask(lambda: iter(images), geometry, valid, filter_size=filter_size,
+                                 hot_fraction=hot_fraction, min_hot_images=2)
+    expected = _dynamic_mask_by_median_filter(images, geometry, valid, filter_size=filter_size,
+                                              hot_fraction=hot_fraction, min_hot_images=2)
+    np.testing.assert_array_equal(dyn, expected)
+    assert stats["hot"] > 5 and stats["dead"] > 3
+
+
+@pytest.mark.parametrize("size", [27, 8])
+def test_window_minimum_is_scipy_minimum_filter_at_the_spots(size):
+    """mask_spots._window_minimum at a few pixels equals scipy's minimum_filter (odd size ≥ size) there."""
+    from scipy.ndimage import minimum_filter
+
+    from diffuse_cli.mask_rotation import filled_panels
+    from diffuse_cli.mask_spots import _window_minimum
+
+    geometry = _two_panel_geometry()
+    rng = np.random.default_rng(9)
+    counts = rng.poisson(30, geometry.n_pixels).astype(np.int32)
+    valid = rng.random(geometry.n_pixels) > 0.05
+    filled = filled_panels(counts, valid, geometry)
+    at = rng.choice(geometry.n_pixels, 500, replace=False)
+    expected = np.concatenate([minimum_filter(f, size=size | 1, mode="nearest").ravel() for f in filled])[at]
+    np.testing.assert_array_equal(_window_minimum(filled, geometry, size, at), expected)
+
+
+def test_box_lattice_points_keep_every_crossing_near_the_frame():
+    """The lattice points the compiled pre-selection keeps give, through the sphere test and
+    lattice_crossings, exactly the near crossings (rows and δ bit for bit) of the whole box,
+    for random cells, settings and rotation axes, one along the beam."""
+    from scipy.spatial.transform import Rotation
+
+    from diffuse_cli import mask_spots
+    from diffuse_cli.mask_spots import NEAR_RAD, _box_lattice_points, lattice_crossings
+
+    def near_crossings(grid, M, axis, s0, q_max):
+        r = grid @ M.T
+        grid = grid[(np.einsum("ij,ij->i", r, r) <= q_max**2) & np.any(grid != 0, axis=1)]
+        rows, delta = lattice_crossings(M, axis, s0, grid.astype(np.float64))
+        near = np.abs(delta) < NEAR_RAD
+        return grid[rows[near]], delta[near]
+
+    rng = np.random.default_rng(10)
+    n_near = 0
+    for trial in range(6):
+        cell = rng.uniform(20.0, 60.0, 3)
+        M = Rotation.from_rotvec(rng.normal(size=3)).as_matrix() @ np.diag(1.0 / cell)
+        axis = np.array([0.0, 0.0, 1.0]) if trial == 0 else rng.normal(size=3)
+        axis = axis / np.linalg.norm(axis)
+        s0 = np.array([0.0, 0.0, -1.0 / rng.uniform(0.7, 1.5)])
+        q_max = rng.uniform(0.3, 0.7)
+        n = np.ceil(q_max * np.linalg.norm(np.linalg.inv(M), axis=1)).astype(int)
+        box = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in n], indexing="ij"), -1).reshape(-1, 3)
+        picked = _box_lattice_points(n, M, axis, s0, q_max, NEAR_RAD)
+        assert mask_spots._NEAR_KERNEL[0] is not None  # numba: the compiled pre-selection ran
+        assert len(picked) < len(box) / 2
+        h_all, d_all = near_crossings(box, M, axis, s0, q_max)
+        h_new, d_new = near_crossings(picked, M, axis, s0, q_max)
+        np.testing.assert_array_equal(h_new, h_all)
+        np.testing.assert_array_equal(d_new, d_all)
+        n_near += len(d_all)
+    assert n_near > 1000
+
+
+def test_read_reflection_table_without_shoeboxes(tmp_path):
+    """formats.reflections reads a .refl without its shoebox column: every other column, the
+    identifiers and the row count as DIALS reads them from the whole file."""
+    from dials.array_family import flex as dflex
+    from dials.model.data import Shoebox
+
+    from diffuse_cli.formats.reflections import read_reflection_table, read_without_columns
+
+    rng = np.random.default_rng(11)
+    n = 40
+    table = dflex.reflection_table()
+    table["id"] = dflex.int(n, 0)
+    table["miller_index"] = dflex.miller_index([tuple(int(v) for v in h) for h in rng.integers(-9, 10, (n, 3))])
+    table["xyzobs.px.value"] = dflex.vec3_double(rng.random((n, 3)).tolist())
+    table["intensity.sum.value"] = dflex.double(rng.random(n))
+    table["shoebox"] = dflex.shoebox(n)
+    for i in range(n):
+        sb = Shoebox(0, (0, 5, 0, 4, 0, 3))
+        sb.allocate()
+        table["shoebox"][i] = sb
+    table.experiment_identifiers()[0] = "sweep-one"
+    path = tmp_path / "t.refl"
+    table.as_msgpack_file(str(path))
+    got = read_reflection_table(path, skip_columns=("shoebox",))
+    assert "shoebox" not in got and len(got) == n
+    assert dict(got.experiment_identifiers()) == {0: "sweep-one"}
+    del table["shoebox"]
+    assert got.as_msgpack() == table.as_msgpack()
+    assert "shoebox" in read_reflection_table(path)  # nothing to skip: the whole file
+    # not a whole msgpack table: left to DIALS's reader (and its reason)
+    (tmp_path / "x.refl").write_text("not a table")
+    data = path.read_bytes()
+    (tmp_path / "trunc.refl").write_bytes(data[: len(data) // 2])
+    (tmp_path / "short.refl").write_bytes(data[:-1])
+    for name in ("x.refl", "trunc.refl", "short.refl"):
+        assert read_without_columns(tmp_path / name, ("shoebox",)) is None
+
+
+@pytest.mark.parametrize("kind", ["fractions", "negative", "bright"])
+def test_local_background_ranks_any_values_as_the_median_filter(kind):
+    """local_background at pixels equals scipy's median_filter also for counts its histogram
+    does not rank (fractions, negative values, medians above its bins)."""
+    import types
+
+    from scipy.ndimage import median_filter
+
+    from diffuse_cli.mask_rotation import _RANK_BINS, local_background
+
+    rng = np.random.default_rng(12)
+    shape = (60, 70)
+    geometry = types.SimpleNamespace(panel_shapes=[shape], panel_offsets=np.array([0, shape[0] * shape[1]]))
+    counts = rng.poisson(20, shape[0] * shape[1]).astype(np.float32)
+    if kind == "fractions":
+        counts[rng.random(counts.size) < 0.02] += 0.5
+    elif kind == "negative":
+        counts[rng.random(counts.size) < 0.02] = -2
+    else:
+        counts += _RANK_BINS - 20  # every median above the histogram
+    valid = np.ones(counts.size, dtype=bool)
+    at = rng.choice(counts.size, 300, replace=False)
+    expected = median_filter(counts.reshape(shape), size=9, mode="nearest").ravel()[at]
+    np.testing.assert_array_equal(local_background(counts, valid, geometry, 9, at=at), expected)
+
+
+def test_spot_mask_is_the_same_with_and_without_the_compiled_kernels(monkeypatch):
+    """spot_bragg_mask with its numba kernels (lattice pre-selection, window ranks, spot growth)
+    gives the mask and counts of its numpy path, predicted and strong spots, edges included."""
+    from dxtbx.model import BeamFactory, Crystal, DetectorFactory, GoniometerFactory, ScanFactory
+    from dxtbx.model.experiment_list import Experiment
+
+    from diffuse_cli import mask_rotation, mask_spots
+    from diffuse_cli.mask_spots import SpotModel, spot_bragg_mask
+
+    detector = DetectorFactory.simple("PAD", 150.0, (40.0, 45.0), "+x", "-y", (0.172, 0.172), (500, 520),
+                                      trusted_range=(-1, 1e6))
+    beam = BeamFactory.simple(1.0)
+    crystal = Crystal((31.0, 2.0, 0), (0, 37.0, 1.0), (3.0, 0, 43.0), space_group_symbol="P1")
+    expt = Experiment(beam=beam, detector=detector, goniometer=GoniometerFactory.known_axis((1, 0, 0)),
+                      scan=ScanFactory.make_scan((1, 3), 0.0, (0.0, 0.5), {1: 0.0, 2: 0.0, 3: 0.0}), crystal=crystal)
+    geometry = ex.compute_geometry(detector, beam)
+    rng = np.random.default_rng(13)
+    counts = rng.poisson(50, geometry.n_pixels).astype(np.int32)
+    yy, xx = np.divmod(np.arange(geometry.n_pixels), 500)
+    for cy, cx in [(0, 0), (3, 250), (519, 499), (260, 2), (100, 400), (300, 300)]:  # strong spots, some at edges
+        counts += (3000 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 3.0)).astype(np.int32)
+    valid = rng.random(geometry.n_pixels) > 0.01
+    strong = counts > 400
+    model = SpotModel(keys=np.zeros(0, dtype=np.int64), intensity=np.zeros(0), shell_d_star=np.array([0.0]),
+                      shell_intensity=np.array([3e4]), sigma=np.radians(0.08), sigma_m=np.radians(0.3),
+                      background_fraction=0.1)
+    compiled = spot_bragg_mask(geometry, expt, 1, model, counts, valid, strong=strong)
+    assert all(k[0] is not None for k in (mask_spots._NEAR_KERNEL, mask_spots._GROW_KERNEL, mask_rotation._RANK_KERNEL))
+    for name, module in (("_NEAR_KERNEL", mask_spots), ("_GROW_KERNEL", mask_spots), ("_RANK_KERNEL", mask_rotation)):
+        monkeypatch.setattr(module, name, [None])
+    plain = spot_bragg_mask(geometry, expt, 1, model, counts, valid, strong=strong)
+    np.testing.assert_array_equal(compiled[0], plain[0])
+    assert compiled[1] == plain[1]
+    assert compiled[1]["n_predicted"] > 50 and compiled[1]["n_strong"] == 6

@@ -7,7 +7,8 @@ import pytest
 
 from diffuse_cli.grid import HKLGrid
 from diffuse_cli.merging import ListSource, scale_and_merge
-from diffuse_cli.ambiguity import ambiguity_operators, determine_reindexing
+from diffuse_cli.ambiguity import determine_reindexing
+from diffuse_cli.ambiguity_cosets import ambiguity_operators
 from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map
 from test_merge_common import make_stills, symmetric_truth, symmetrize_dense
 

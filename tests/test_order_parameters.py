@@ -235,18 +235,18 @@ def test_real_solvent_ring_shows_no_order(thaumatin_masked):
 
 def test_S_data_error_is_calibrated():
     """σ(S_data) from the bin errors matches the scatter of S_data over noise realisations."""
-    from diffuse_cli import profile_fitting as pf
+    from diffuse_cli import order_parameter as op
 
     chi = np.arange(-179.0, 180.0, 2.0)
     truth = 50.0 + 100.0 * np.exp(M_TRUE * (np.cos(np.radians(chi - CHI0_TRUE)) ** 2 - 1))
     sigma = 0.02 * truth
     rng = np.random.default_rng(8)
-    draws = [pf.order_parameter_with_error(chi, truth + rng.normal(0, sigma), sigma, CHI0_TRUE) for _ in range(400)]
+    draws = [op.order_parameter_with_error(chi, truth + rng.normal(0, sigma), sigma, CHI0_TRUE) for _ in range(400)]
     S, err = np.array(draws).T
     assert np.std(S) == pytest.approx(np.mean(err), rel=0.12)
     # and the noise-free value is the quadrature <P2> of the profile
     t = np.linspace(0, np.pi, 20001)
     f = 50.0 + 100.0 * np.exp(M_TRUE * (np.cos(t) ** 2 - 1))
     w = f * np.sin(t)
-    assert pf.order_parameter_with_error(chi, truth, None, CHI0_TRUE)[0] == pytest.approx(
+    assert op.order_parameter_with_error(chi, truth, None, CHI0_TRUE)[0] == pytest.approx(
         np.trapz(w * 0.5 * (3 * np.cos(t) ** 2 - 1), t) / np.trapz(w, t), abs=2e-3)

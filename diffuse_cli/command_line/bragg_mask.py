@@ -246,10 +246,30 @@ output {
 
 @program.entry_point("bragg_mask")
 def run(args=None, phil=phil_scope):
+    import sys
+
+    from dials.array_family import flex
     from dials.util.options import reflections_and_experiments_from_files
+    from dials.util.phil import FilenameDataWrapper
 
     from diffuse_cli import masking
+    from diffuse_cli.formats.reflections import read_without_columns
 
+    # .refl files given by name are read here without their shoeboxes, which a predicted mask
+    # never reads (most of a .refl that keeps them: diffuse_cli.formats.reflections); a file
+    # that does not read so goes to DIALS's parser, whose reason the user sees
+    args = sys.argv[1:] if args is None else [str(a) for a in args]
+    own = {}
+    if not {"-h", "--help", "-c", "--show-config"} & set(args):
+        for a in args:
+            if a.endswith(".refl") and "=" not in a and os.path.isfile(a) and a not in own:
+                table = read_without_columns(a, ("shoebox",))
+                if table is not None:
+                    own[a] = table
+    if own and len(own) < len(args):
+        args = [a for a in args if a not in own]
+    else:
+        own = {}
     parser = program.ArgumentParser(
         usage="diffuse.bragg_mask [options] combined.expt combined.refl",
         phil=phil,
@@ -262,6 +282,10 @@ def run(args=None, phil=phil_scope):
     params, options = parser.parse_args(args)
     program.configure_logging("bragg_mask", params, options)
     program.log_diff_phil(parser)
+    for name, table in own.items():
+        if params.method == "shoebox":  # the shoeboxes are what it reads
+            table = flex.reflection_table.from_file(name)
+        params.input.reflections.append(FilenameDataWrapper(filename=name, data=table))
     reflections, experiments = reflections_and_experiments_from_files(
         params.input.reflections, params.input.experiments
     )

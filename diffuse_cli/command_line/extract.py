@@ -78,7 +78,7 @@ output {
 def run(args=None, phil=phil_scope):
     from dials.util.options import flatten_experiments
 
-    from diffuse_cli import extraction
+    from diffuse_cli import extract_driver
 
     parser = program.ArgumentParser(
         usage="diffuse.extract [options] combined.expt masks.summary=bragg_masks/summary.json",
@@ -107,4 +107,4 @@ def run(args=None, phil=phil_scope):
         if params.masks.static is None:
             raise Sorry("Give masks.summary=bragg_masks/summary.json or masks.static=<mask file>")
         logger.warning("No Bragg masks given: Bragg peaks will be extracted with the diffuse signal")
-    extraction.run_extract(experiments, params)
+    extract_driver.run_extract(experiments, params)

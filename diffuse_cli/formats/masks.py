@@ -132,7 +132,7 @@ def read_mask_any(path) -> np.ndarray:
         from diffuse_cli.formats.common import read_npz
 
         z = read_npz(path, MASK_BITS_SCHEMA, fields=("bits", "n_pixels"), required=("bits", "n_pixels"))
-        return np.unpackbits(z["bits"], count=int(z["n_pixels"])).astype(bool)
+        return np.unpackbits(z["bits"], count=int(z["n_pixels"])).view(bool)  # 0/1 bytes: no copy
     return read_mask(path)
 
 

@@ -21,6 +21,8 @@ voxels (the whole grid is never in memory); the file is the same.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from diffuse_cli.formats.common import read_npz
@@ -29,8 +31,51 @@ MERGE_SCHEMA = "diffuse.merge/1"
 REQUIRED = ("I", "sigma", "counts", "h", "k", "l", "unit_cell")
 
 
-def _block_planes(grid, itemsize: int, block_bytes: int = 32 << 20) -> int:
+#: deflate level of the members, in zlib-ng: its level 2 is 4× faster than zlib's level 1
+#: and 5–9 % smaller on merged maps (zlib-ng's level 1, a different "quick" deflate, is 30 %
+#: larger); any zlib inflates the stream
+NPZ_LEVEL = 2
+
+
+def _block_planes(grid, itemsize: int, block_bytes: int = 4 << 20) -> int:
+    """h-planes per block of a dense field: about ``block_bytes`` (small enough for malloc to
+    reuse one block's memory for the next, instead of mapping fresh pages each time)."""
     return max(1, block_bytes // (itemsize * grid.shape[1] * grid.shape[2]))
+
+
+def _open_member(zf, name: str):
+    """A member of ``zf`` open for writing, deflated by zlib-ng at ``NPZ_LEVEL`` (zipfile's
+    own zlib stream where zlib-ng or zipfile's writer attribute is missing: the same content)."""
+    fh = zf.open(name, "w", force_zip64=True)
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:  # pragma: no cover - zlib-ng is a dependency
+        return fh
+    if getattr(fh, "_compressor", None) is not None:  # CPython's _ZipWriteFile: raw deflate (wbits −15)
+        fh._compressor = zlib_ng.compressobj(NPZ_LEVEL, zlib_ng.DEFLATED, -15)
+    return fh
+
+
+@contextlib.contextmanager
+def _zlib_ng_crc32():
+    """zipfile's CRC-32 computed by zlib-ng's (the same values, 8× faster than Debian's zlib)
+    while the members are written; zipfile's own afterwards."""
+    import zipfile
+
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:  # pragma: no cover - zlib-ng is a dependency
+        yield
+        return
+    own = getattr(zipfile, "crc32", None)
+    if own is None:  # pragma: no cover - another zipfile
+        yield
+        return
+    zipfile.crc32 = zlib_ng.crc32
+    try:
+        yield
+    finally:
+        zipfile.crc32 = own
 
 
 def write_merged(path, grid, I, sigma, counts, unit_cell, space_group: str, **provenance) -> None:
@@ -39,7 +84,7 @@ def write_merged(path, grid, I, sigma, counts, unit_cell, space_group: str, **pr
     grid: the HKLGrid (``axes()``, ``shape``, ``ndiv``). I, sigma, counts: dense arrays, or
     callables ``f(i0, i1)`` giving the block of h-planes [i0, i1) (then each field is
     written block by block and the whole grid is never held in memory). The members are
-    deflated at zlib level ``FAST_ZIP_LEVEL`` (the dense grid is mostly NaN or smooth).
+    deflated by zlib-ng at level ``NPZ_LEVEL`` (the dense grid is mostly NaN or smooth).
     """
     import zipfile
 
@@ -53,13 +98,13 @@ def write_merged(path, grid, I, sigma, counts, unit_cell, space_group: str, **pr
                  program_version=np.array(str(__version__)),
                  **{key: np.asarray(v) for key, v in provenance.items()})
     n0 = grid.shape[0]
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _zlib_ng_crc32():
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=FAST_ZIP_LEVEL) as zf:
             for name, arr in small.items():
-                with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                with _open_member(zf, name + ".npy") as fh:
                     np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
             for name, (src, dtype) in dense.items():
-                with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                with _open_member(zf, name + ".npy") as fh:
                     if not callable(src):
                         np.lib.format.write_array(fh, np.asarray(src, dtype=dtype).reshape(grid.shape),
                                                   allow_pickle=False)
@@ -72,7 +117,7 @@ def write_merged(path, grid, I, sigma, counts, unit_cell, space_group: str, **pr
                         block = np.ascontiguousarray(src(i0, i1), dtype=dtype)
                         if block.shape != (i1 - i0,) + tuple(grid.shape[1:]):
                             raise ValueError(f"{name}: block of shape {block.shape} for planes {i0}:{i1}")
-                        fh.write(block.tobytes())
+                        fh.write(block.reshape(-1).view(np.uint8))  # the buffer itself, not a copy
 
 
 def read_merged(path, fields=None) -> dict:

@@ -561,16 +561,16 @@ def merge_section(run: Run, max_kb: float) -> Section:
 
 
 def _fit_curve(row: dict, x: np.ndarray, pair: bool):
-    from diffuse_cli import profile_fitting as pf
+    from diffuse_cli import profile_shapes as ps
 
     g = lambda k: _float(row.get(k))  # noqa: E731
     model = row.get("model")
     if model == "maier_saupe":
-        return pf.maier_saupe(x, g("height"), g("centre"), g("m"), g("b0"))
+        return ps.maier_saupe(x, g("height"), g("centre"), g("m"), g("b0"))
     if model == "pseudo_voigt" and row.get("profile", "").startswith("azimuthal"):
-        return pf.pseudo_voigt_azimuthal(x, g("height"), g("centre"), g("fwhm"), g("eta"), g("b0"), pair=pair)
+        return ps.pseudo_voigt_azimuthal(x, g("height"), g("centre"), g("fwhm"), g("eta"), g("b0"), pair=pair)
     if model == "pseudo_voigt":
-        return pf.pseudo_voigt_linear(x, g("height"), g("centre"), g("fwhm"), g("eta"), g("b0"), g("b1"))
+        return ps.pseudo_voigt_linear(x, g("height"), g("centre"), g("fwhm"), g("eta"), g("b0"), g("b1"))
     return None
 
 
