@@ -115,7 +115,7 @@ def _fmt_cell(cell) -> str:
 
 
 def check_stills(experiments, files, groups=None, expt_files=None, length_tolerance: float = 0.02,
-                 angle_tolerance: float = 2.0, allow_multiple_crystals: bool = False) -> dict:
+                 angle_tolerance: float = 2.0, allow_multiple_crystals: bool = False, comm=None) -> dict:
     """Match corrected stills to experiments and check their cells; Sorry on any mismatch.
 
     experiments: the ExperimentList; groups: per experiment, the index of
@@ -140,10 +140,13 @@ def check_stills(experiments, files, groups=None, expt_files=None, length_tolera
     Returns {"experiment_index": [...], "reindex": [M or None per file],
     "crystal": [...], "reference_cell": (6,)}; files without provenance
     (``diffuse.observations/1``) are passed through with experiment index None.
+    Under MPI (``comm``) the ranks share the reading of the stills' identities.
     """
     import os
 
     from libtbx.utils import Sorry
+
+    from diffuse_cli import program
 
     groups = [0] * len(experiments) if groups is None else list(groups)
     expt_files = expt_files or ["the experiments"]
@@ -168,10 +171,9 @@ def check_stills(experiments, files, groups=None, expt_files=None, length_tolera
     if models_only:
         logger.warning("The experiments carry neither identifiers nor images: stills matched by "
                        "experiment index, checked by their setting matrices")
-    matched, identities = [], []
-    for f in files:
-        ident = still_identity(f)
-        identities.append(ident)
+    matched = []
+    identities = program.rank_map(still_identity, files, comm)
+    for f, ident in zip(files, identities):
         if ident is None:
             matched.append(None)
             continue

@@ -86,7 +86,7 @@ def run_merge(params, paths, comm=None):
 MERGE_PARAMS = ("space_group", "grid", "ambiguity", "scaling", "merging", "absolute_scale")
 
 
-def merge_provenance(params, experiments, given, readable, failed, groups, expt_files) -> dict:
+def merge_provenance(params, experiments, given, readable, failed, groups, expt_files, comm=None) -> dict:
     """The parts of the merged map's provenance key: every corrected still given (content),
     the per-detector files beside them, the experiments (models and crystal grouping), the
     parameters, and with an absolute scale the Bragg data it uses. ``failed``: the stills the
@@ -96,7 +96,8 @@ def merge_provenance(params, experiments, given, readable, failed, groups, expt_
                           if os.path.basename(p).startswith(("factors_", "background.")))
     parts = {
         "schema": merged_format.MERGE_SCHEMA,
-        "stills": [[os.path.abspath(f), provenance.content_fingerprint(f)] for f in given],
+        "stills": [[os.path.abspath(f), fp]
+                   for f, fp in zip(given, program.rank_map(provenance.content_fingerprint, given, comm))],
         "left_out": sorted(r["name"] for r in failed),
         "per_detector": [[p, provenance.content_fingerprint(p)] for p in per_detector],
         "experiments": [provenance.experiment_fingerprint(e) for e in experiments],
@@ -141,7 +142,7 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         raise Sorry(f"space_group={sg_symbol}: unknown space group") from e
     # the batch rule: a still that cannot be read is recorded and left out
     given, n_given = list(files), len(files)
-    files, failed = readable_stills(files)
+    files, failed = readable_stills(files, comm)
     summary_path = os.path.join(params.output.directory, "summary.json")
     if failed and rank == 0:
         for row in failed:
@@ -154,7 +155,7 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     # the resume rule (diffuse_cli.provenance): same stills, experiments and parameters -> nothing to do
     out = params.output.directory
     npz = os.path.join(out, f"{params.output.prefix}.npz")
-    parts = merge_provenance(params, experiments, given, files, failed, groups, expt_files)
+    parts = merge_provenance(params, experiments, given, files, failed, groups, expt_files, comm)
     key = provenance.key_of(parts)
     if os.path.isdir(out) and rank == 0:
         provenance.remove_temporaries(out)
@@ -171,7 +172,7 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
     # every still must belong to the experiments (identifier + image) with a compatible cell
     tol = params.merging.cell_tolerance
     checked = check_stills(experiments, files, groups, expt_files, tol.length, tol.angle,
-                           params.merging.allow_multiple_crystals)
+                           params.merging.allow_multiple_crystals, comm=comm)
     crystal_ops = checked["reindex"]
     used = sorted({i for i in checked["experiment_index"] if i is not None})
     if used:
@@ -262,10 +263,17 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
                     "converged" if result.converged else "NOT converged", result.iterations,
                     f"{result.history[-1]:.1e}" if result.history else "n/a")
     stats = shell_statistics(merged, cell, params.merging.n_shells, d_min=d_min, d_max=d_max)
-    if rank != 0:
+    plots = params.output.plots
+    # under MPI every rank holds the merged map: rank 1 draws the sections while rank 0
+    # writes the files and the other pictures (alone, rank 0 does everything)
+    size = comm.Get_size() if comm is not None else 1
+    painter = 1 if size > 1 and plots else 0
+    if rank not in (0, painter):
+        _pictures_done(comm, size, plots)
         return result
-    logger.info("Merged %d observations\n%s", result.n_observations, format_statistics(stats))
-    _log_scales(result, files)
+    if rank == 0:
+        logger.info("Merged %d observations\n%s", result.n_observations, format_statistics(stats))
+        _log_scales(result, files)
 
     os.makedirs(out, exist_ok=True)
     extra = {}
@@ -291,55 +299,62 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
         sc.wilson = abs_plan["wilson"]
         prof = sc.K * prof - sc.incoherent
         units = "electron units per unit cell (incoherent subtracted)"
-        if params.output.plots:
+        if plots and rank == painter:
             absc.plot_absolute_scale(sc, os.path.join(out, "absolute_scale.png"))
-        if abs_plan["wilson_fit"] is not None and params.output.plots:
-            absw.plot_wilson(abs_plan["wilson_fit"], os.path.join(out, "wilson_plot.png"))
-        program.write_json(os.path.join(out, "absolute_scale.json"),
-                           {**sc.as_dict(), "bragg_peaks": abs_plan["bragg_peaks"]})
-        logger.info("Absolute scale K = %.5g e.u./unit (fit %.2f–%.2f Å, rms rel. residual %.3f)",
-                    sc.K, 1 / sc.fit_range[1], 1 / sc.fit_range[0] if sc.fit_range[0] else np.inf,
-                    sc.residual)
+            if abs_plan["wilson_fit"] is not None:
+                absw.plot_wilson(abs_plan["wilson_fit"], os.path.join(out, "wilson_plot.png"))
+        if rank == 0:
+            program.write_json(os.path.join(out, "absolute_scale.json"),
+                               {**sc.as_dict(), "bragg_peaks": abs_plan["bragg_peaks"]})
+            logger.info("Absolute scale K = %.5g e.u./unit (fit %.2f–%.2f Å, rms rel. residual %.3f)",
+                        sc.K, 1 / sc.fit_range[1], 1 / sc.fit_range[0] if sc.fit_range[0] else np.inf,
+                        sc.residual)
         extra["absolute_scale_K"] = sc.K
     I_block, sigma_block, counts_block = dense_blocks(merged, grid, cell, sc)
     sections = {"hk0": [], "h0l": [], "0kl": None}
     off = [m * n for m, n in zip(grid.hkl_max, grid.ndiv)]
 
-    def I_blocks():
+    def I_blocks():  # the dense I block by block; the three central sections kept on the way
         for i0, i1 in blocks:
             v = I_block(i0, i1)
-            if not params.output.plots:
-                yield v
-                continue
-            sections["hk0"].append(v[:, :, off[2]].copy())
-            sections["h0l"].append(v[:, off[1], :].copy())
-            if i0 <= off[0] < i1:
-                sections["0kl"] = v[off[0] - i0].copy()
+            if plots and rank == painter:
+                sections["hk0"].append(v[:, :, off[2]].copy())
+                sections["h0l"].append(v[:, off[1], :].copy())
+                if i0 <= off[0] < i1:
+                    sections["0kl"] = v[off[0] - i0].copy()
             yield v
 
-    map_output.write_ccp4_slabs(os.path.join(out, f"{params.output.prefix}.ccp4"), grid, I_blocks(), cell,
-                                title=f"diffuse.merge {sg_symbol} ndiv={grid.ndiv[0]}")
-    plots = params.output.plots
-    for plane in ("hk0", "h0l", "0kl") if plots else ():
-        sec = sections[plane] if plane == "0kl" else np.concatenate(sections[plane])
-        map_output.plot_section_values(os.path.join(out, f"slice_{plane}.png"), grid, sec, cell,
-                                       plane, title=f"{plane} section ({units.split(' (')[0]})")
+    if rank == 0:
+        map_output.write_ccp4_slabs(os.path.join(out, f"{params.output.prefix}.ccp4"), grid, I_blocks(), cell,
+                                    title=f"diffuse.merge {sg_symbol} ndiv={grid.ndiv[0]}")
+    else:  # the painter alone: the sections only
+        for _ in I_blocks():
+            pass
+    label = units.split(" (")[0]
+    if plots and rank == painter:
+        for plane in ("hk0", "h0l", "0kl"):
+            sec = sections[plane] if plane == "0kl" else np.concatenate(sections[plane])
+            map_output.plot_section_values(os.path.join(out, f"slice_{plane}.png"), grid, sec, cell,
+                                           plane, title=f"{plane} section ({label})")
+    if rank != 0:
+        _pictures_done(comm, size, plots)
+        return result
     if plots:
-        map_output.plot_radial(os.path.join(out, "I_vs_q.png"), centres, prof,
-                               ylabel=f"⟨I⟩ ({units.split(' (')[0]})")
-    program.write_json(os.path.join(out, "statistics.json"), stats)
-    if plots:
+        map_output.plot_radial(os.path.join(out, "I_vs_q.png"), centres, prof, ylabel=f"⟨I⟩ ({label})")
         map_output.plot_shell_statistics(os.path.join(out, "statistics.png"), stats)
-    program.write_json(os.path.join(out, "scales.json"), _scales_json(result, files, reindexed, crystal_ops))
-    if result.terms is not None and params.scaling.enable and plots:
-        from diffuse_cli.scaling_plots import plot_terms
+        if result.terms is not None and params.scaling.enable:
+            from diffuse_cli.scaling_plots import plot_terms
 
-        for name in plot_terms(result.terms, out, [os.path.basename(f) for f in files]):
-            logger.info("Wrote %s", name)
+            for name in plot_terms(result.terms, out, [os.path.basename(f) for f in files]):
+                logger.info("Wrote %s", name)
+    program.write_json(os.path.join(out, "statistics.json"), stats)
+    program.write_json(os.path.join(out, "scales.json"), _scales_json(result, files, reindexed, crystal_ops))
     rows = [{"name": os.path.basename(f), "status": "merged"} for f in files] + failed
     summaries.write_summary(summary_path, summaries.MERGE_SUMMARY_SCHEMA, rows, n_merged=len(files),
                             map=os.path.basename(npz))
     # the map last: its provenance key says that every output above is of this run
+    # (the sections drawn by rank 1 included)
+    _pictures_done(comm, size, plots)
     stored = provenance.npz_fields(key, parts)
     merged_format.write_merged(
         npz, grid, I_block, sigma_block, counts_block, cell, sg_symbol,
@@ -357,6 +372,12 @@ def merge(experiments, files, params, comm=None, groups=None, expt_files=None):
                 params.output.prefix, "slices, I_vs_q.png, " if params.output.plots else "",
                 "/.png" if params.output.plots else "", out)
     return result
+
+
+def _pictures_done(comm, size: int, plots: bool) -> None:
+    """Every rank waits until rank 1 has drawn the sections (MPI with output.plots only)."""
+    if size > 1 and plots:
+        comm.Barrier()
 
 
 def map_blocks(grid, block_bytes: int = 64 << 20) -> list[tuple[int, int]]:

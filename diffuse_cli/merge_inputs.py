@@ -70,30 +70,43 @@ def corrected_files(paths: list[str]) -> list[str]:
     return [f for f in files if not (f in seen or seen.add(f))]
 
 
-def readable_stills(files) -> tuple[list[str], list[dict]]:
+def readable_stills(files, comm=None) -> tuple[list[str], list[dict]]:
     """The batch rule: (stills that can be merged, summary rows of those that cannot).
 
     A corrected still is checked with the files it needs (its extract, by
-    content fingerprint, and its factors file); a bad one is a ``failed`` row
-    with the reason, and the merge goes on without it.
+    content fingerprint, and its factors file, once per factors file); a bad
+    one is a ``failed`` row with the reason, and the merge goes on without it.
+    Under MPI (``comm``) the ranks share the files (:func:`program.rank_map`).
     """
     from libtbx.utils import Sorry
 
-    good, failed = [], []
-    for f in files:
+    from diffuse_cli import program
+
+    factors_checked: dict[str, str | None] = {}  # factors file -> None (readable) or why not
+
+    def reason(f):
         try:
             schema = corrected_format.schema_of(f)
             if schema == corrected_format.OBSERVATIONS_SCHEMA:
                 corrected_format.read_observations(f)
-            else:
-                still = corrected_format.read_corrected(f)
-                extract_format.read_extract_header(corrected_format.extract_path(f, still))
-                factors = os.path.join(os.path.dirname(os.path.abspath(f)), str(still["factors_file"]))
-                factors_format.read_factors(factors, fields=("geometry_key",))
+                return None
+            still = corrected_format.read_corrected(f)
+            extract_format.read_extract_header(corrected_format.extract_path(f, still))
+            factors = os.path.join(os.path.dirname(os.path.abspath(f)), str(still["factors_file"]))
+            if factors not in factors_checked:
+                try:
+                    factors_format.read_factors(factors, fields=("geometry_key",))
+                    factors_checked[factors] = None
+                except Sorry as e:
+                    factors_checked[factors] = str(e)
+            return factors_checked[factors]
         except Sorry as e:
-            failed.append({"name": os.path.basename(f), "status": "failed", "reason": str(e)})
-            continue
-        good.append(f)
+            return str(e)
+
+    reasons = program.rank_map(reason, files, comm)
+    good = [f for f, r in zip(files, reasons) if r is None]
+    failed = [{"name": os.path.basename(f), "status": "failed", "reason": r}
+              for f, r in zip(files, reasons) if r is not None]
     return good, failed
 
 

@@ -529,6 +529,19 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def rank_map(func: Callable, items, comm=None) -> list:
+    """``[func(x) for x in items]``; under MPI (``comm``) each rank computes every size-th
+    item and every rank gets the whole list, in order (per-file checks that every rank needs)."""
+    items = list(items)
+    if comm is None or comm.Get_size() == 1:
+        return [func(x) for x in items]
+    rank, size = comm.Get_rank(), comm.Get_size()
+    results: dict = {}
+    for part in comm.allgather({i: func(items[i]) for i in range(rank, len(items), size)}):
+        results.update(part)
+    return [results[i] for i in range(len(items))]
+
+
 def parallel_map(func: Callable, items, nproc: int, desc: str, **progress_kwargs) -> list:
     """``[func(x) for x in items]`` in order, over ``nproc`` forked processes.
 

@@ -81,3 +81,42 @@ def test_mpi_two_ranks_equals_serial(tmp_path):
         fin = np.isfinite(s[key])
         assert np.array_equal(fin, np.isfinite(m[key]))
         np.testing.assert_allclose(s[key][fin], m[key][fin], rtol=rtol)
+
+
+@pytest.mark.mpi
+def test_program_under_mpirun_equals_serial(tmp_path, monkeypatch):
+    """diffuse.merge mp.method=mpi on 2 ranks: the files (the stills' checks and fingerprints
+    shared out by rank, the sections drawn by rank 1) are the serial run's, every picture is
+    there, and an unreadable still is left out with the same summary row."""
+    import json
+
+    pytest.importorskip("mpi4py")
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not found")
+    from test_merge_program import _write_inputs
+
+    monkeypatch.chdir(tmp_path)
+    _write_inputs(tmp_path)
+    (tmp_path / "corrected" / "still_0005.npz").write_bytes(b"PK\x03\x04 truncated")
+    args = ["combined.expt", "corrected", "ndiv=2", "d_min=2.2", "space_group=P4",
+            "composition=C:100,N:30,O:30,H:150"]
+    program = [sys.executable, "-c", "import sys; from diffuse_cli.command_line.merge import run; run(sys.argv[1:])"]
+    subprocess.run([*program, *args, "output.directory=serial"], check=True, timeout=600)
+    subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "2", *program, *args,
+                    "mp.method=mpi", "output.directory=mpi"], check=True, timeout=600, env=mpirun_env())
+    serial, mpi = tmp_path / "serial", tmp_path / "mpi"
+    pictures = {"slice_hk0.png", "slice_h0l.png", "slice_0kl.png", "I_vs_q.png", "statistics.png",
+                "absolute_scale.png"}
+    assert pictures <= {p.name for p in mpi.glob("*.png")}
+    s, m = np.load(serial / "merged.npz"), np.load(mpi / "merged.npz")
+    for name in ("counts", "files", "skipped"):
+        np.testing.assert_array_equal(s[name], m[name])
+    assert "still_0005.npz" in str(s["skipped"])
+    for name in ("I", "sigma", "scales"):
+        np.testing.assert_allclose(s[name], m[name], rtol=1e-10)
+    assert str(s["provenance_key"]) == str(m["provenance_key"])
+    rows = lambda d: json.loads((d / "summary.json").read_text())["stills"]  # noqa: E731
+    assert rows(serial) == rows(mpi)
+    a, b = json.loads((serial / "absolute_scale.json").read_text()), json.loads((mpi / "absolute_scale.json").read_text())
+    assert a["K"] == pytest.approx(b["K"], rel=1e-10)

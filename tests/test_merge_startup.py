@@ -77,3 +77,27 @@ def test_deferred_modules_answer_find_spec_without_importing():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["['pandas', 'sklearn', 'sklearn.cluster'] [True, True, True]", "True"]
+
+
+@pytest.mark.parametrize("user", [None, "2"])
+def test_programs_run_blas_single_threaded_unless_told(user):
+    """Importing diffuse_cli before numpy gives OpenBLAS one thread (the programs run one
+    process per core); a count the user set is kept. Checked in OpenBLAS itself."""
+    import os
+
+    code = textwrap.dedent("""
+        import ctypes, os
+        import diffuse_cli
+        import numpy  # loads the BLAS with the variables set
+        names = [l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l or 'libblas' in l]
+        blas = ctypes.CDLL(names[0]) if names else None
+        threads = blas.openblas_get_num_threads() if blas is not None and hasattr(blas, 'openblas_get_num_threads') else -1
+        print(os.environ.get('OPENBLAS_NUM_THREADS'), threads)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")}
+    if user is not None:
+        env["OPENBLAS_NUM_THREADS"] = user
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert out[0] == (user or "1")
+    if int(out[1]) >= 0:  # an OpenBLAS is loaded: its own thread count
+        assert int(out[1]) == min(int(user or "1"), os.cpu_count())
