@@ -144,7 +144,7 @@ def main_rss_100A(args) -> dict:
 
     from diffuse_cli import map_output
     from diffuse_cli.formats.merged import read_merged, write_merged
-    from diffuse_cli.merge_driver import dense_blocks, map_blocks, radial_profile_blocks
+    from diffuse_cli.merged_blocks import dense_blocks, map_blocks, radial_profile_blocks
     from diffuse_cli.merge_statistics import shell_statistics
     from diffuse_cli.merging import scale_and_merge
 

@@ -2,7 +2,8 @@
 
 Checks the stills against the experiments, resolves the indexing ambiguity,
 scales and merges (:mod:`diffuse_cli.merging`), optionally puts the map on
-the absolute scale, and writes the map, its statistics and the summary.
+the absolute scale (planned in :mod:`diffuse_cli.absolute_scale_plan`), and writes
+the map (block by block, :mod:`diffuse_cli.merged_blocks`), its statistics and the summary.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import os
 import numpy as np
 
 from diffuse_cli import program, provenance
-from diffuse_cli.formats import corrected as corrected_format
+from diffuse_cli.absolute_scale_plan import _extract_records_bragg_masks, absolute_scale_plan
 from diffuse_cli.formats import merged as merged_format
 from diffuse_cli.formats import summaries
 from diffuse_cli.merge_inputs import (FileSource, _frame_neighbours, _half_blocks, _sweep_groups, _warn_spreads,
                                       corrected_files, detector_d_min, readable_stills, reference_model)
+from diffuse_cli.merged_blocks import dense_blocks, map_blocks, radial_profile_blocks
 
 logger = logging.getLogger("diffuse.merge")
 
@@ -378,214 +380,6 @@ def _pictures_done(comm, size: int, plots: bool) -> None:
     """Every rank waits until rank 1 has drawn the sections (MPI with output.plots only)."""
     if size > 1 and plots:
         comm.Barrier()
-
-
-def map_blocks(grid, block_bytes: int = 64 << 20) -> list[tuple[int, int]]:
-    """Ranges [i0, i1) of h-planes, each about ``block_bytes`` of float64 (the outputs' unit)."""
-    step = max(1, block_bytes // (8 * grid.shape[1] * grid.shape[2]))
-    return [(i, min(grid.shape[0], i + step)) for i in range(0, grid.shape[0], step)]
-
-
-def block_d_star(grid, unit_cell, i0: int, i1: int) -> np.ndarray:
-    """d* (Å⁻¹) of the voxel centres of h-planes [i0, i1) (as merge_statistics.grid_d_star)."""
-    from diffuse_cli.symmetry import reciprocal_metric
-
-    g = reciprocal_metric(unit_cell)
-    h, k, l = grid.axes()
-    h, k, l = h[i0:i1, None, None], k[None, :, None], l[None, None, :]
-    out = g[0, 0] * h * h + g[1, 1] * k * k
-    out = out + (g[2, 2] * l * l + 2 * g[1, 2] * k * l)
-    out += 2 * g[0, 1] * h * k
-    out += 2 * g[0, 2] * h * l
-    return np.sqrt(np.maximum(out, 0.0, out=out), out=out)
-
-
-def radial_profile_blocks(merged, grid, unit_cell, d_star_max: float, blocks, n_bins: int = 60):
-    """absolute_scale.radial_profile of the dense merged I, summed block by block:
-    (bin centres Å⁻¹, means, counts)."""
-    from diffuse_cli import merge_compact
-
-    n = np.zeros(n_bins, dtype=np.int64)
-    s = np.zeros(n_bins)
-    I = merged.compact()["I"]
-    if hasattr(merged, "slab_table") and merge_compact.HAVE_NUMBA:  # one compiled pass a block, no dense arrays
-        from diffuse_cli.symmetry import reciprocal_metric
-
-        g = reciprocal_metric(unit_cell)
-        h, k, l = grid.axes()
-        I = np.ascontiguousarray(I, dtype=np.float64)
-        for i0, i1 in blocks:
-            nb, sb = np.zeros(n_bins, dtype=np.int64), np.zeros(n_bins)  # a block's sums, then the total (as below)
-            merge_compact._radial_sums(merged.slab_table(i0, i1), I, h[i0:i1], k, l, g, float(d_star_max), n_bins,
-                                       nb, sb)
-            n += nb
-            s += sb
-        blocks = ()
-    for i0, i1 in blocks:
-        v = merged.expand_slab(I, i0, i1).ravel()
-        ds = block_d_star(grid, unit_cell, i0, i1).ravel()
-        ok = np.isfinite(v) & (ds <= d_star_max)
-        b = np.minimum((ds[ok] / d_star_max * n_bins).astype(np.int64), n_bins - 1)
-        n += np.bincount(b, minlength=n_bins)
-        s += np.bincount(b, v[ok], minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, s / n, np.nan)
-    return (np.arange(n_bins) + 0.5) * d_star_max / n_bins, mean, n
-
-
-def dense_blocks(merged, grid, unit_cell, scale=None):
-    """Functions (i0, i1) → the dense I, σ (float32; in electron units with an absolute
-    ``scale``) and counts (int64) of h-planes [i0, i1), from the merged ASU voxels."""
-    from diffuse_cli import absolute_scale as absc
-
-    cm = merged.compact()
-    # the float32 values per compact voxel once (rounding each value then copying it equals
-    # copying then rounding): each block is then one gather
-    I32 = cm["I"].astype(np.float32) if scale is None else None
-    sig32 = (cm["sigma"] if scale is None else scale.K * cm["sigma"]).astype(np.float32)  # as to_electron_units
-
-    def intensity(i0, i1):
-        if I32 is not None:
-            return merged.expand_slab(I32, i0, i1, fill=np.float32(np.nan))
-        I = merged.expand_slab(cm["I"], i0, i1)
-        I = absc.to_electron_units(I, 0.0, block_d_star(grid, unit_cell, i0, i1), scale)[0]
-        return I.astype(np.float32)
-
-    def sigma(i0, i1):
-        return merged.expand_slab(sig32, i0, i1, fill=np.float32(np.nan))
-
-    return intensity, sigma, lambda i0, i1: merged.expand_slab(cm["counts"], i0, i1, fill=0, dtype=np.int64)
-
-
-def _extract_records_bragg_masks(path: str) -> bool | None:
-    """diffuse.extract's ``bragg_masks`` for the extract a corrected still refers to; None if unknown."""
-    from libtbx.utils import Sorry
-
-    if corrected_format.schema_of(path) != corrected_format.CORRECT_SCHEMA:
-        return None
-    still = corrected_format.read_corrected(path, fields=("extract_file", "extract_file_absolute"))
-    try:
-        extract = corrected_format.extract_path(path, still, check=False)
-    except Sorry:
-        return None
-    summary = os.path.join(os.path.dirname(extract), "summary.json")
-    flag = summaries.read_summary(summary, summaries.EXTRACT_SUMMARY_SCHEMA).get("bragg_masks") \
-        if os.path.exists(summary) else None
-    return None if flag is None else bool(flag)
-
-
-def _bragg_peaks_masked(a, files) -> tuple[bool, str]:
-    """(masked, why) for absolute_scale.bragg_peaks (see its help)."""
-    if a.bragg_peaks != "auto":
-        return a.bragg_peaks == "masked", f"absolute_scale.bragg_peaks={a.bragg_peaks}"
-    flag = _extract_records_bragg_masks(files[0])
-    if flag is not None:
-        return flag, f"diffuse.extract's summary.json: bragg_masks={str(flag).lower()}"
-    if a.wilson_b is not None:
-        return True, "absolute_scale.wilson_b is given"
-    if corrected_format.schema_of(files[0]) == corrected_format.CORRECT_SCHEMA:
-        return True, "diffuse.correct files (the default chain masks the Bragg peaks)"
-    logger.warning("Absolute scale: the input files do not record whether the Bragg peaks were masked; "
-                   "comparing with the total scattering sum f^2 + sum I_inc. If they were masked, set "
-                   "absolute_scale.bragg_peaks=masked")
-    return False, "not recorded by the input files (assumed kept)"
-
-
-def _wilson_sources(a, experiments, expt_files, groups) -> list[tuple[str, list]]:
-    """(reflection file, its experiments) pairs for the Wilson B estimate."""
-    from libtbx.utils import Sorry
-
-    expt_files = list(expt_files or [])
-    groups = list(groups) if groups is not None else [0] * len(experiments)
-    if a.wilson.reflections:
-        if not os.path.exists(a.wilson.reflections):
-            raise Sorry(f"File not found: {a.wilson.reflections} (absolute_scale.wilson.reflections)")
-        if len(expt_files) > 1:
-            raise Sorry("absolute_scale.wilson.reflections pairs with one .expt; with several, keep each "
-                        ".refl beside its .expt (same stem)")
-        return [(a.wilson.reflections, list(experiments))]
-    pairs = []
-    for k, name in enumerate(expt_files):
-        refl = os.path.splitext(name)[0] + ".refl"
-        if os.path.exists(refl):
-            pairs.append((refl, [e for e, g in zip(experiments, groups) if g == k]))
-    return pairs
-
-
-def absolute_scale_plan(params, experiments, files, expt_files, groups, sg_symbol, laue) -> dict | None:
-    """What the Krogh-Moe theory will be, decided before merging. None without a composition.
-
-    Returns dict(composition (per unit cell), bragg_peaks (dict: masked, why),
-    wilson_b (Å² or None), wilson (provenance dict), wilson_fit (WilsonFit or
-    None), wavelength (Å, mean of the experiments' beams, or None)).
-    Bragg peaks masked and no wilson_b: B from the integrated Bragg
-    intensities (Wilson plot); without them, Sorry naming the parameters.
-    """
-    from libtbx.utils import Sorry
-
-    from diffuse_cli import absolute_scale as absc
-    from diffuse_cli import absolute_scale_wilson as absw
-
-    a = params.absolute_scale
-    if not a.composition:
-        return None
-    try:
-        comp = absc.parse_composition(a.composition)
-    except ValueError as e:
-        raise Sorry(f"composition: {e}") from e
-    if a.composition_per == "asu":
-        z = laue.space_group.order_z()
-        comp = {k: v * z for k, v in comp.items()}
-    masked, why = _bragg_peaks_masked(a, files)
-    wilson_b, wilson, fit = a.wilson_b, None, None
-    if not masked and wilson_b:
-        raise Sorry(f"absolute_scale.wilson_b is for maps whose Bragg peaks were masked, but they were "
-                    f"kept ({why}); leave wilson_b unset or set absolute_scale.bragg_peaks=masked")
-    if masked and wilson_b is not None:
-        wilson = {"source": "absolute_scale.wilson_b", "B": float(wilson_b)}
-    elif masked:
-        pairs = _wilson_sources(a, experiments, expt_files, groups)
-        if not pairs:
-            expected = (os.path.splitext(expt_files[0])[0] + ".refl") if expt_files else "a .refl"
-            raise Sorry(f"Absolute scale: the Bragg peaks were masked ({why}) and there are no integrated "
-                        f"Bragg intensities ({expected} not found) to estimate the Wilson B: set "
-                        "absolute_scale.wilson_b=<B in Å^2> or absolute_scale.wilson.reflections=<.refl>, "
-                        "or absolute_scale.bragg_peaks=kept if the map holds the Bragg peaks")
-        from dials.array_family import flex
-
-        arrays, offset = [], 0
-        for refl, expts in pairs:
-            try:
-                arr = absw.bragg_intensities(flex.reflection_table.from_file(refl), expts, sg_symbol)
-            except ValueError as e:
-                raise Sorry(f"{refl}: {e} (Wilson B for the absolute scale; or set absolute_scale.wilson_b)") from e
-            arr["group"] = arr["group"] + offset
-            offset += len(expts)
-            arrays.append(arr)
-        cat = {k: np.concatenate([x[k] for x in arrays]) for k in arrays[0]}
-        try:
-            fit = absw.estimate_wilson_b(cat["d_star"], cat["intensity"], comp,
-                                         partiality=cat["partiality"], group=cat["group"],
-                                         d_max=a.wilson.d_max, d_min=a.wilson.d_min,
-                                         excitation_error=cat["excitation_error"],
-                                         variance=cat["variance"], centric=cat["centric"])
-        except ValueError as e:
-            raise Sorry(f"Wilson B from {', '.join(r for r, _ in pairs)}: {e}; set absolute_scale.wilson_b "
-                        "or absolute_scale.wilson.d_max/d_min") from e
-        fit.source = ", ".join(r for r, _ in pairs)
-        wilson_b, wilson = fit.B, fit.as_dict()
-        logger.info("Wilson B = %.1f ± %.1f Å^2 from %d Bragg reflections of %d stills (%.2f–%.2f Å, %s)",
-                    fit.B, fit.sigma_B, fit.n_reflections, fit.n_groups, fit.d_range[0], fit.d_range[1],
-                    fit.source)
-        if not fit.B > 0:
-            raise Sorry(f"Wilson B from {fit.source} is {fit.B:.1f} Å^2 (not positive): set absolute_scale.wilson_b")
-    waves = [e.beam.get_wavelength() for e in experiments if e.beam is not None]
-    wavelength = float(np.mean(waves)) if waves else None
-    logger.info("Absolute scale: Bragg peaks %s (%s)%s; Compton recoil %s", "masked" if masked else "kept",
-                why, f", B = {wilson_b:.1f} Å^2" if masked else "",
-                f"at λ = {wavelength:.4f} Å" if wavelength else "not applied (no beam model)")
-    return {"composition": comp, "bragg_peaks": {"masked": masked, "why": why}, "wilson_b": wilson_b if masked else None,
-            "wilson": wilson, "wilson_fit": fit, "wavelength": wavelength}
 
 
 def _log_scales(result, files):

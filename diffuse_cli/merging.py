@@ -4,7 +4,10 @@ Pieces: :mod:`diffuse_cli.merge_accumulator` (the per-voxel sums and the merged
 map over the P1 box), :mod:`diffuse_cli.merge_compact` (the same per compact ASU
 voxel, for the cached passes), :mod:`diffuse_cli.merge_statistics` (CC1/2, shells),
 :mod:`diffuse_cli.merge_consistency` (which stills may be merged); their
-public names are importable from here too.
+public names are importable from here too. The passes' control (acceleration,
+outlier phase) is in :mod:`diffuse_cli.merge_passes`, the per-still fits against
+the reference in :mod:`diffuse_cli.still_fits`, the sources of stills in
+:mod:`diffuse_cli.still_sources`.
 
 Observations (fractional hkl, intensity I, σ) are accumulated still by still
 into dense **P1** arrays over the whole grid (:class:`diffuse_cli.grid.HKLGrid`)
@@ -23,7 +26,7 @@ detector-ordered pixels), with a numpy ``unique``/``bincount`` fallback
 
 The default (simple model, numba) path reads each still once and keeps its
 sums per compact ASU voxel only; its result is a
-:class:`~diffuse_cli.merge_compact.CompactMergedMap` (see
+:class:`~diffuse_cli.compact_map.CompactMergedMap` (see
 ``scale_and_merge(cached=...)``).
 
 Distributed runs (MPI): every rank accumulates its own stills; the arrays are
@@ -33,80 +36,34 @@ summed with ``Allreduce``, giving the same map as a serial run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from diffuse_cli.grid import HKLGrid
 from diffuse_cli import merge_compact as _mc
 from diffuse_cli.merge_accumulator import HAVE_NUMBA, Accumulator, MergedMap, voxel_flat  # noqa: F401
-from diffuse_cli.merge_compact import CompactAccumulator, compact_tables, merged_from_compact  # noqa: F401
+from diffuse_cli.merge_compact import CompactAccumulator, compact_tables
+from diffuse_cli.compact_map import CompactMergedMap, merged_from_compact  # noqa: F401
 from diffuse_cli.merge_consistency import (StillIdentity, cell_deviation, cell_of,  # noqa: F401  (re-exported)
                                            change_of_basis_onto, check_stills, still_identity)
 from diffuse_cli.merge_statistics import (anisotropic_part, format_statistics,  # noqa: F401  (re-exported)
                                           map_agreement, shell_edges, shell_statistics, voxel_d_star,
                                           voxel_hkl)
-from diffuse_cli.scaling import (FitResult, ScaleModel, fit_scale, leave_one_out, model_variance, normalisation,
-                                 relax)
+from diffuse_cli.scaling import ScaleModel, model_variance
 from diffuse_cli.scaling_terms import ScalingTerms
 from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map, reciprocal_metric
 from diffuse_cli.merge_prepared import (CACHE_BYTES, _SCRATCH, _buffer, _fit_prepared, _floor, _floor_weighted,
-                                        _PreparedStore, _reference_subset, prepare_still)
+                                        _PreparedStore, prepare_still)
+from diffuse_cli.merge_passes import (ACCELERATION_MEMORY, PassAcceleration, _carried_map, _gather_fits,
+                                      _gather_params, _pass_scales, _reject_limit)
+from diffuse_cli.still_fits import _expected_intensity, _fit_still, _fit_still_terms, _outliers
+from diffuse_cli.still_sources import ListSource, StillSource, _loaded  # noqa: F401  (ListSource: docs/merge.md)
 
 logger = logging.getLogger("diffuse.merging")
 
-ACCELERATION_MEMORY = 5  # passes of history for the Anderson step (0: plain damped passes)
-ACCELERATION_STEP_LIMIT = 10.0  # most the extrapolation may add, in units of the plain step
-ACCELERATION_START_RATIO = 0.5  # accelerate once a pass's change falls by less than this factor
-
-
 # ---------------------------------------------------------------- scale and merge
-
-
-class StillSource(Protocol):
-    """What the merger needs from the data: a number of stills and a loader."""
-
-    def __len__(self) -> int: ...
-
-    def load(self, i: int) -> dict:  # keys hkl (N,3), I (N,), sigma (N,)
-        ...
-
-
-@dataclass
-class ListSource:
-    """In-memory stills (tests, small data): list of dicts with hkl, I, sigma."""
-
-    stills: Sequence[dict]
-
-    def __len__(self):
-        return len(self.stills)
-
-    def load(self, i):
-        return self.stills[i]
-
-
-class ArraySource:
-    """Observations of many stills in flat arrays, with a still index per observation.
-
-    hkl (N, 3), I (N,), sigma (N,), still (N,) int. Stills are numbered by
-    their order of first appearance in ``np.unique(still)``.
-    """
-
-    def __init__(self, hkl, I, sigma, still):
-        still = np.asarray(still)
-        self.ids, inverse = np.unique(still, return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.searchsorted(inverse[order], np.arange(len(self.ids) + 1))
-        self._slices = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        self.hkl, self.I, self.sigma = np.asarray(hkl), np.asarray(I), np.asarray(sigma)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def load(self, i):
-        sel = self._slices[i]
-        return {"hkl": self.hkl[sel], "I": self.I[sel], "sigma": self.sigma[sel]}
 
 
 @dataclass
@@ -148,46 +105,6 @@ def half_assignment(n_stills: int, seed: int = 0, blocks=None) -> np.ndarray:
     block_half = np.zeros(len(labels), dtype=np.int64)
     block_half[rng.permutation(len(labels))[: len(labels) // 2]] = 1
     return block_half[block_of]
-
-
-def _expected_intensity(grid, reference, hkl, I, scale_g):
-    """g·I_ref at each observation's voxel; the still's median positive I where no reference."""
-    typical = np.median(I[I > 0]) if np.any(I > 0) else 1.0
-    expected = np.full(len(I), typical, dtype=np.float64)
-    if reference is not None:
-        flat, inside = voxel_flat(grid, hkl)
-        ref = np.full(len(flat), np.nan)
-        ref[inside] = reference.gather(flat[inside])
-        have = np.isfinite(ref)
-        g = np.broadcast_to(np.asarray(scale_g, dtype=np.float64), expected.shape)
-        expected[have] = g[have] * ref[have]
-    return expected
-
-
-def _carry_rejected(new_I, new_sigma, new_counts, old_I, old_sigma, old_counts):
-    """The next pass's reference: the new means, and, at voxels whose every observation
-    this pass rejected as an outlier, the previous reference's values.
-
-    Without it such a voxel (e.g. pixels at the beam-stop edge, mutually inconsistent)
-    has no reference in the next pass, keeps all its observations, is rejected again in
-    the one after, and so on: the final map would depend on the parity of the pass count.
-    With it the rejection is the same in every pass (the voxel stays empty in the map).
-    Returns (I, sigma, counts) arrays.
-    """
-    lost = (np.asarray(new_counts) == 0) & (np.asarray(old_counts) > 0)
-    if not lost.any():
-        return new_I, new_sigma, new_counts
-    I, sig, cnt = np.array(new_I), np.array(new_sigma), np.array(new_counts)
-    I[lost], sig[lost], cnt[lost] = np.asarray(old_I)[lost], np.asarray(old_sigma)[lost], np.asarray(old_counts)[lost]
-    return I, sig, cnt
-
-
-def _carried_map(merged: MergedMap, previous: MergedMap | None) -> MergedMap:
-    """:func:`_carry_rejected` on merged maps (the reference of the next pass)."""
-    if previous is None:
-        return merged
-    I, sig, cnt = _carry_rejected(merged.I, merged.sigma, merged.counts, previous.I, previous.sigma, previous.counts)
-    return merged if I is merged.I else replace(merged, I=I, sigma=sig, counts=cnt)
 
 
 def scale_and_merge(
@@ -319,15 +236,9 @@ def scale_and_merge(
                 new[i] = params[i]
                 ok[i] = 1
         raw, normalised, fits, c, change = _gather_params(comm, new, ok, fits, mine, params, scaled)
-        start, note = _phase_start(scaled, rejecting, change, tolerance, it == n_passes - 1)
-        if start:  # the map and the fits change: the acceleration's history no longer applies
-            rejecting, accelerate = True, PassAcceleration(acceleration_memory)
-        last = it == n_passes - 1 or (scaled and change < tolerance and not start)
-        if scaled and not last and not start:  # the last map takes the plain update
-            accelerated = accelerate.step(params, normalised, ok, change)
-            note = accelerate.note
-            if accelerated is not None:
-                normalised, raw = accelerated, accelerated * c
+        normalised, raw, start, last, note, rejecting, accelerate = _pass_scales(
+            accelerate, acceleration_memory, params, normalised, raw, ok, c, scaled, rejecting, change, tolerance,
+            it == n_passes - 1)
         acc = Accumulator(grid, 2, use_numba=use_numba)
         for i in (progress(mine, desc=f"pass {it}") if progress else mine):
             hkl, I, sig, v1 = _loaded(source, i, reindex)
@@ -369,15 +280,6 @@ def scale_and_merge(
                 break
         reference = _carried_map(merged, reference)
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
-
-
-def _loaded(source, i, reindex):
-    """Still i's (hkl, I, σ, variance per intensity or None), reindexed."""
-    obs = source.load(i)
-    hkl = obs["hkl"]
-    if reindex is not None and reindex[i] is not None:
-        hkl = np.asarray(hkl) @ np.asarray(reindex[i]).astype(np.asarray(hkl).dtype)
-    return hkl, obs["I"], obs["sigma"], obs.get("variance_per_intensity")
 
 
 def _scale_and_merge_terms(source, grid, laue, unit_cell, terms: ScalingTerms, d_min=None, d_max=None,
@@ -518,87 +420,6 @@ def _adjust_map(merged: MergedMap, unit_cell, terms: ScalingTerms, ring_factor, 
         arr[vox[fin]] = (arr[vox[fin]] * mul[fin] + add[fin]).astype(arr.dtype)
 
 
-def _phase_start(scaled, rejecting, change, tolerance, final):
-    """Whether this pass starts phase 2 (docs/merge.md, "Outlier rejection"): the scales
-    converged with Huber fits and no outlier rejection (or no pass is left); from this
-    pass's map on outliers are rejected and the fits are redescending. Returns (start,
-    the note for the pass's log line)."""
-    start = scaled and not rejecting and (change < tolerance or final)
-    return start, (" (phase 1 converged: outliers rejected from this map on)" if start else "")
-
-
-def _reject_limit(fit, reject_sigma):
-    """The outlier limit the previous pass applied to a still (None: none applied)."""
-    return reject_sigma * fit.residual_scale if reject_sigma and fit is not None and fit.ok else None
-
-
-def _fit_still_terms(terms, i, grid, reference: MergedMap, hkl, I, sig, co, fit_max_obs, min_counts,
-                     seed, variance_per_intensity=None, previous=None) -> FitResult:
-    """Subset of still i's observations with a reference value, then ScalingTerms.fit_still."""
-    hkl = np.asarray(hkl)
-    I = np.asarray(I, dtype=np.float64)
-    sig = np.asarray(sig, dtype=np.float64)
-    v1 = variance_per_intensity
-    sel, ref = _reference_subset(grid, reference, hkl, I, sig, v1, fit_max_obs, min_counts, seed)
-    ref_var = None
-    if previous is not None:  # (multiplier, offset, reject limit, own share) of the still's last pass
-        ref, ref_var, keep = leave_one_out(reference, grid, hkl, I, sig, previous[0], previous[1], v1, sel,
-                                           previous[2], min_counts)
-        sel, ref, ref_var = sel[keep], ref[keep], ref_var[keep]
-    sub = {k: v[sel] for k, v in co.items()}
-    fit = terms.fit_still(i, I[sel], sig[sel], ref, sub,
-                          variance_per_intensity=None if v1 is None else np.asarray(v1)[sel],
-                          reference_variance=ref_var)
-    if previous is not None:
-        relax(fit, terms.g[i], terms.alpha[i], terms.kappa[i], previous[3])
-    return fit
-
-
-def _outliers(grid, reference, hkl, I, sig, factor, limit) -> np.ndarray:
-    """Observations whose residual (I·f − I_ref)/(σ·f) exceeds ``limit`` (no reference: kept)."""
-    flat, inside = voxel_flat(grid, hkl)
-    ref = np.full(len(flat), np.nan)
-    ref[inside] = reference.gather(flat[inside])
-    f = np.asarray(factor, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (np.asarray(I) * f - ref) / (np.asarray(sig) * f)
-    return np.abs(z) > limit  # NaN (no reference) compares False: kept
-
-
-def _fit_still(model, grid, gstar, reference: MergedMap, hkl, I, sig, fit_max_obs,
-               min_counts, seed, variance_per_intensity=None, previous=None, redescending=True) -> FitResult:
-    hkl = np.asarray(hkl)
-    I = np.asarray(I, dtype=np.float64)
-    sig = np.asarray(sig, dtype=np.float64)
-    v1 = variance_per_intensity
-    sel, ref = _reference_subset(grid, reference, hkl, I, sig, v1, fit_max_obs, min_counts, seed)
-    ref_var = None
-    if previous is not None:  # (scale parameters, reject limit, own share) of the still's last pass
-        if model.n_control_points == 1:
-            m = float(previous[0][0])
-        else:
-            ha = hkl.astype(np.float64)
-            m = model.evaluate(previous[0], np.einsum("ni,ij,nj->n", ha, gstar, ha))
-        ref, ref_var, keep = leave_one_out(reference, grid, hkl, I, sig, m, 0.0, v1, sel, previous[1], min_counts)
-        sel, ref, ref_var = sel[keep], ref[keep], ref_var[keep]
-    h = hkl[sel].astype(np.float64)
-    dss = np.einsum("ni,ij,nj->n", h, gstar, h)
-    fit = fit_scale(model, I[sel], sig[sel], ref, dss,
-                    variance_per_intensity=None if v1 is None else np.asarray(v1)[sel],
-                    reference_variance=ref_var, redescending=redescending)
-    return fit if previous is None else relax(fit, previous[0], own_share=previous[2])
-
-
-def _gather_fits(comm, fits, mine, n_stills):
-    """Every rank gets every still's fit (each rank sends only its own stills)."""
-    parts = comm.allgather([(i, fits[i]) for i in mine])
-    out = [None] * n_stills
-    for part in parts:
-        for i, f in part:
-            out[i] = f
-    return out
-
-
 def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=None, scale=True, model=None,
                             max_iterations=10, tolerance=1e-3, reindex=None, half_seed=0, half_blocks=None,
                             friedel=True, fit_max_obs=200_000, min_reference_counts=2, comm=None, lut=None,
@@ -662,15 +483,9 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
                     new[i] = params[i]
                     ok[i] = 1
             raw, normalised, fits, norm, change = _gather_params(comm, new, ok, fits, mine, params, scaled)
-            start, note = _phase_start(scaled, rejecting, change, tolerance, it == n_passes - 1)
-            if start:  # the map and the fits change: the acceleration's history no longer applies
-                rejecting, accelerate = True, PassAcceleration(acceleration_memory)
-            last = it == n_passes - 1 or (scaled and change < tolerance and not start)
-            if scaled and not last and not start:  # the last map takes the plain update
-                accelerated = accelerate.step(params, normalised, ok, change)
-                note = accelerate.note
-                if accelerated is not None:
-                    normalised, raw = accelerated, accelerated * norm
+            normalised, raw, start, last, note, rejecting, accelerate = _pass_scales(
+                accelerate, acceleration_memory, params, normalised, raw, ok, norm, scaled, rejecting, change,
+                tolerance, it == n_passes - 1)
             ref = reference["I"] if scaled else empty
             if last:
                 reference = None  # σ and counts were for the fits only
@@ -716,92 +531,8 @@ def _scale_and_merge_cached(source, grid, laue, unit_cell, d_min=None, d_max=Non
     finally:
         store.close()
         _SCRATCH.clear()
-    merged = _mc.CompactMergedMap(grid, laue, tuple(unit_cell), d_min, d_max, reps, values,
+    merged = CompactMergedMap(grid, laue, tuple(unit_cell), d_min, d_max, reps, values,
                                   centric=centric, _lut=lut)
     return MergeResult(merged, params, fits, half, iterations, converged, history, n_obs)
 
 
-class PassAcceleration:
-    """Anderson acceleration of the scaling passes on x = log g (docs/merge.md, "Acceleration").
-
-    A pass maps the scales x_k its reference was built with to the damped
-    leave-one-out update G(x_k), residual f_k = G(x_k) − x_k. With the
-    differences ΔF, ΔG of the last ``memory`` passes' f and G, the next
-    scales are x_{k+1} = G(x_k) − ΔG·γ, γ = argmin |f_k − ΔF·γ|₂ (Walker & Ni's
-    type II, mixing 1): on a linear iteration this is GMRES, so a few slow
-    modes (weakly coupled groups of stills) cost one pass each instead of
-    log(tol)/log(λ) passes. The fixed point (f = 0) is the plain one.
-    Every pass enters the history; accelerated steps start at the first pass
-    whose change is more than ``start_ratio`` times the previous one (a slow
-    mode; while the plain passes contract faster, an extrapolation from the
-    nonlinear first passes gains nothing). Safeguard: when a pass's change
-    is not below the previous pass's, the history is dropped and the plain
-    step G(x_k) taken; the extrapolation beyond G(x_k) is at most
-    ``step_limit`` × |f_k| (max norm).
-    """
-
-    def __init__(self, memory: int = ACCELERATION_MEMORY, step_limit: float = ACCELERATION_STEP_LIMIT,
-                 start_ratio: float = ACCELERATION_START_RATIO):
-        self.memory = int(memory)
-        self.step_limit = float(step_limit)
-        self.start_ratio = float(start_ratio)
-        self.slow = False  # a pass's change fell by less than start_ratio: accelerate from now on
-        self.history: list = []  # (G(x_j), f_j) in log, flattened
-        self.last_change = np.inf
-        self.n_accelerated = 0
-        self.n_restarts = 0
-        self.note = ""  # what the last step did, for the pass's log line
-
-    def step(self, params: np.ndarray, plain: np.ndarray, ok: np.ndarray, change: float) -> np.ndarray | None:
-        """The scales for this pass's map: ``params`` (n, n_nodes) built the reference, ``plain`` the
-        pass's normalised damped update, ``change`` its max relative change. None: use ``plain``."""
-        if self.memory <= 0:
-            return None
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g = np.log(np.asarray(plain, dtype=np.float64)).ravel()
-            f = g - np.log(np.asarray(params, dtype=np.float64)).ravel()
-        self.note = ""
-        if not (np.all(np.isfinite(f)) and change < self.last_change):
-            if self.history and self.slow:
-                self.n_restarts += 1
-                self.note = " (change not reduced: plain step, acceleration restarted)"
-            self.history = []  # not reduced (or a non-positive scale): start again from the plain step
-        self.slow = self.slow or change > self.start_ratio * self.last_change
-        self.last_change = change
-        if not np.all(np.isfinite(f)):
-            return None
-        self.history = (self.history + [(g, f)])[-(self.memory + 1):]
-        if len(self.history) < 2 or not self.slow:
-            return None
-        dG = np.stack([b[0] - a[0] for a, b in zip(self.history[:-1], self.history[1:])], axis=1)
-        dF = np.stack([b[1] - a[1] for a, b in zip(self.history[:-1], self.history[1:])], axis=1)
-        gamma = np.linalg.lstsq(dF, f, rcond=1e-6)[0]
-        extra = -dG @ gamma
-        size, limit = np.max(np.abs(extra)), self.step_limit * np.max(np.abs(f))
-        if not np.isfinite(size):
-            self.history = self.history[-1:]
-            return None
-        if size > limit:
-            extra *= limit / size
-        p = np.exp(g + extra).reshape(np.shape(plain))
-        self.n_accelerated += 1
-        self.note = (f" (this map: accelerated scales, {len(self.history) - 1} passes of history"
-                     f"{', step limited' if size > limit else ''})")
-        return p / normalisation(p, ok > 0)
-
-
-def _gather_params(comm, new, ok, fits, mine, params, scaled: bool):
-    """A pass's new per-still parameters and fits gathered over MPI ranks, and normalised
-    (:func:`normalisation`). Returns (gathered, normalised, fits, normalisation factor,
-    max relative change; inf on the unscaled first pass)."""
-    if comm is not None and comm.Get_size() > 1:
-        from mpi4py import MPI
-
-        comm.Allreduce(MPI.IN_PLACE, new, op=MPI.SUM)
-        comm.Allreduce(MPI.IN_PLACE, ok, op=MPI.SUM)
-        fits = _gather_fits(comm, fits, mine, len(fits))
-    if not scaled:
-        return new, new, fits, 1.0, np.inf
-    norm = normalisation(new, ok > 0)
-    normalised = new / norm
-    return new, normalised, fits, norm, float(np.max(np.abs(normalised / params - 1.0)))

@@ -1,7 +1,9 @@
 """The full scaling model (``scaling.model=full``): absorption, detector response and offset terms.
 
 Formulas, priors and constraints: docs/merge.md, "Scaling". The per-still
-scale g and the robust fit it extends are in :mod:`diffuse_cli.scaling`.
+scale g and the robust fit it extends are in :mod:`diffuse_cli.scaling`; the node
+bases and priors of the terms in :mod:`diffuse_cli.scaling_priors`, the detector
+response's normal equations in :mod:`diffuse_cli.detector_response`.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffuse_cli.scaling import (HUBER_K, POISSON_OUTLIER_CUT, FitResult, ScaleModel, _median, _robust_scale,
+from diffuse_cli.scaling import (HUBER_K, POISSON_OUTLIER_CUT, FitResult, ScaleModel, _robust_scale,
                                  model_variance, normalisation)
+from diffuse_cli.scaling_kernels import _median
+from diffuse_cli.detector_response import DetectorResponse
+from diffuse_cli.scaling_priors import (GAUGE_WEIGHT, N_RINGS, RIDGE, _bilinear, _dense, _grid_penalty,
+                                        _linear_weights, _second_differences, offset_prior)
 
 # ---------------------------------------------------------------- richer scaling model
 #
@@ -27,9 +33,6 @@ from diffuse_cli.scaling import (HUBER_K, POISSON_OUTLIER_CUT, FitResult, ScaleM
 # d, shared by all stills, is solved after each pass from normal equations
 # accumulated during it (alternation, as in mdx2).
 
-N_RINGS = 12  # |s| bins of the ring-mean constraint on the detector response
-GAUGE_WEIGHT = 1e3  # stiffness of the mean-one constraint on each absorption surface
-RIDGE = 1e-8  # keeps nodes without data (and without curvature) determined
 # Share of the previous detector response kept in each pass (d = d_prev^s · d_solved^(1−s)).
 # Fitted against the other stills (leave_one_out), d at a pixel is corrected from the
 # pixels of other stills that saw the same voxels, which lie on the same |s| ring; where
@@ -38,41 +41,9 @@ RIDGE = 1e-8  # keeps nodes without data (and without curvature) determined
 # iteration eigenvalue λ to s + (1 − s)λ, stable for s > (−1 − λ)/(1 − λ); the real
 # nuclease sweep has λ ≈ −2.6 (s = 1/3 diverged there), so s = 2/3 (docs/merge.md).
 DETECTOR_OWN_SHARE = 2.0 / 3.0
-# Least information of a detector node (diagonal of d's normal matrix) as a share of what
-# it would hold if the data covered its support like the average node: a node below it
-# gets a prior towards 1 that makes up the difference (detector_floor, docs/merge.md).
-DETECTOR_INFORMATION_FLOOR = 0.1
 # Least share of an offset mode's information that must survive the multiplicative terms
 # (offset_prior): the identifiability prior weight of the additive offset, docs/merge.md.
 OFFSET_INFORMATION_FLOOR = 0.02
-
-
-def offset_prior(M: np.ndarray, blk: slice, floor: float):
-    """Prior matrix on the offset nodes that makes them identifiable; (P, smallest μ).
-
-    M: the still's normal matrix with its priors, ``blk`` the offset block c, the
-    rest m (g, a). The information on c with m fixed is M_cc; with m free (the
-    Schur complement) S = M_cc − M_cm M_mm⁻¹ M_mc. The generalised eigenvalues
-    μ_k of S u = μ M_cc u (0 ≤ μ ≤ 1) say which share of an offset mode's
-    information survives the multiplicative terms: μ ≈ 0 where g·(I_ref + c)
-    ≈ g'·(I_ref + c') (a map with little contrast beyond its radial profile).
-    P = Σ_k max(0, floor − μ_k)·(M_cc u_k)(M_cc u_k)ᵀ (u_k normalised to
-    u_kᵀ M_cc u_k = 1), a zero-mean prior on exactly those modes, raises every
-    μ_k to at least ``floor`` (measured against M_cc without P); modes with
-    μ_k ≥ floor get none.
-    """
-    Mcc = M[blk, blk]
-    rest = np.r_[0:blk.start, blk.stop:M.shape[0]]
-    try:
-        L = np.linalg.cholesky(Mcc)
-        S = Mcc - M[blk][:, rest] @ np.linalg.solve(M[np.ix_(rest, rest)], M[rest][:, blk])
-        Li = np.linalg.inv(L)
-        mu, Y = np.linalg.eigh(Li @ S @ Li.T)
-    except np.linalg.LinAlgError:
-        return np.zeros_like(Mcc), np.nan
-    lift = np.maximum(floor - mu, 0.0)
-    LY = L @ Y
-    return (LY * lift) @ LY.T, float(mu.min())
 
 
 @dataclass(frozen=True)
@@ -84,80 +55,7 @@ class TermSettings:
     smoothness: float = 1.0
 
 
-def _second_differences(n: int) -> np.ndarray:
-    """(n−2, n) rows (−½, 1, −½): the curvature penalty of mdx2 (empty for n < 3)."""
-    if n < 3:
-        return np.zeros((0, n))
-    B = np.zeros((n - 2, n))
-    r = np.arange(n - 2)
-    B[r, r], B[r, r + 1], B[r, r + 2] = -0.5, 1.0, -0.5
-    return B
-
-
-def _grid_penalty(n: int) -> np.ndarray:
-    """Thin-plate curvature BᵀB on an n×n grid (node index iy·n + ix).
-
-    Rows: second differences (−½, 1, −½) along each axis (≈ ½h²f_xx, ½h²f_yy)
-    and mixed differences ×√½ (≈ √½·h²f_xy), so that |Bθ|² ≈ ¼h⁴∫(f_xx² +
-    2f_xy² + f_yy²): every quadratic but a plane is penalised, f_xy included.
-    """
-    B1 = _second_differences(n)
-    eye = np.eye(n)
-    rows = [np.kron(eye, B1), np.kron(B1, eye)]
-    if n >= 2:
-        D1 = np.diff(np.eye(n), axis=0)
-        rows.append(np.sqrt(0.5) * np.kron(D1, D1))
-    B = np.vstack(rows)
-    return B.T @ B
-
-
-def detector_floor(N: np.ndarray, n: int, floor: float) -> np.ndarray:
-    """(P, n·n) prior weights towards d = 1 on the detector nodes the data barely see.
-
-    N (P, n², n²): d's normal matrices per panel. A bilinear node's ∫B² is ½
-    at an edge and ¼ at a corner of an interior node's, so with c_k =
-    w_x·w_y (w = ½ at the ends of an axis, 1 inside) the information node k
-    would hold if the data covered its support like the average node is
-    c_k·tr(N)/Σc. A node with less than ``floor`` of that gets the rest as a
-    prior towards 1: nodes beyond the data (past d_min, a panel edge seen by a
-    few pixels) are held instead of extrapolated by the curvature prior, and
-    well-covered nodes get none (the fixed point there is unchanged).
-    """
-    w = np.ones(n)
-    w[[0, -1]] = 0.5
-    c = np.outer(w, w).ravel()
-    P = N.shape[0]
-    expected = c * float(np.trace(N, axis1=1, axis2=2).sum()) / (P * c.sum())
-    diag = np.einsum("pkk->pk", N)
-    return np.maximum(floor * expected[None, :] - diag, 0.0)
-
-
-def _linear_weights(t: np.ndarray, n: int):
-    """Node j (N,) and fraction f (N,) of t ∈ [0, 1] on n equally spaced nodes (n ≥ 2)."""
-    t = np.clip(np.asarray(t, dtype=np.float64), 0.0, 1.0) * (n - 1)
-    j = np.minimum(t.astype(np.int64), n - 2)
-    return j, t - j
-
-
-def _bilinear(tx: np.ndarray, ty: np.ndarray, n: int):
-    """Node indices (N, 4) (iy·n + ix) and weights (N, 4) of bilinear interpolation on n×n."""
-    jx, fx = _linear_weights(tx, n)
-    jy, fy = _linear_weights(ty, n)
-    idx = np.stack([jy * n + jx, jy * n + jx + 1, (jy + 1) * n + jx, (jy + 1) * n + jx + 1], axis=1)
-    w = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
-    return idx, w
-
-
-def _dense(idx: np.ndarray, w: np.ndarray, n_cols: int) -> np.ndarray:
-    """Dense (N, n_cols) basis from per-row node indices and weights (N, k)."""
-    out = np.zeros((idx.shape[0], n_cols))
-    rows = np.arange(idx.shape[0])
-    for k in range(idx.shape[1]):  # one column per row and k: no duplicate (row, col)
-        out[rows, idx[:, k]] += w[:, k]
-    return out
-
-
-class ScalingTerms:
+class ScalingTerms(DetectorResponse):
     """The scaling model with optional absorption, detector and offset terms, and its state.
 
     ``base`` is the per-still scale g (:class:`ScaleModel`). Per-still
@@ -243,13 +141,6 @@ class ScalingTerms:
                 raise ValueError("detector term: no panel shapes in the observations")
             self.det = np.ones((len(self.panel_shapes), self.n_d))
             self._reset_detector_sums()
-
-    def _reset_detector_sums(self):
-        P, m = len(self.panel_shapes), self.n_d
-        self._dN = np.zeros(P * m * m)
-        self._db = np.zeros(P * m)
-        self._dT = np.zeros((P * m, max(self.n_a, 1)))
-        self._dS = np.zeros((P * m, N_RINGS))
 
     # ------------------------------------------------------------ bases
     def coordinates(self, obs: dict, dss: np.ndarray, select=None) -> dict:
@@ -462,32 +353,6 @@ class ScalingTerms:
             return None
         return np.mean([np.concatenate([self.g[j], self.alpha[j], self.kappa[j]]) for j in nb], axis=0)
 
-    def _add_detector(self, co, h, I, w):
-        m = self.n_d
-        P = co["d_panel"]
-        idx, wt = co["d_idx"], co["d_w"]
-        node = P[:, None] * m + idx  # (N, 4) global node
-        wh = w * h
-        for k in range(4):
-            self._db += np.bincount(node[:, k], wh * I * wt[:, k], minlength=self._db.size)
-            for l in range(4):
-                key = (P * m + idx[:, k]) * m + idx[:, l]
-                self._dN += np.bincount(key, wh * h * wt[:, k] * wt[:, l], minlength=self._dN.size)
-        # which |s| rings each detector node sees (information-weighted)
-        ring = self._ring(co["dss"])
-        S = self._dS.reshape(-1)
-        for k in range(4):
-            S += np.bincount(node[:, k] * N_RINGS + ring, wh * h * wt[:, k], minlength=S.size)
-        if self.n_a:
-            # Σ w·h·I·B_d·B_a: d's right-hand side per absorption node, for moving the
-            # static absorption into d through d's own normal equations (end_pass)
-            na = self._dT.shape[1]
-            T = self._dT.reshape(-1)
-            for k in range(4):
-                for l in range(4):
-                    T += np.bincount(node[:, k] * na + co["a_idx"][:, l],
-                                     wh * I * wt[:, k] * co["a_w"][:, l], minlength=T.size)
-
     # ------------------------------------------------------------ after a pass
     def end_pass(self, new_g, new_alpha, new_kappa, ok, comm=None, typical: float = 0.0) -> dict:
         """Solve d, impose the constraints; returns the changes and the map corrections.
@@ -589,74 +454,6 @@ class ScalingTerms:
             change = max(change, float(np.max(np.abs(kappa - old[2]))) / typical)
         self.g, self.alpha, self.kappa = g, alpha, kappa
         return {"factor": k, "offset_shift": shift, "change": change, "ring_factor": ring_factor}
-
-    def _detector_change(self, old: np.ndarray, info: np.ndarray) -> float:
-        """Largest over panels of the information-weighted rms relative change of d's nodes.
-
-        Weights: the diagonal of d's normal matrix (Σ w·h²·B_n², how strongly the
-        observations fix each node). Nodes outside the observed pixels (e.g. the
-        detector corners beyond d_min) are set by the priors alone, move with
-        every change elsewhere and do not alter the map; by the max over nodes
-        they kept the passes from stopping.
-        """
-        rel = self.det / old - 1.0
-        out = 0.0
-        for p in range(len(rel)):
-            w = info[p]
-            if np.sum(w) > 0:
-                out = max(out, float(np.sqrt(np.sum(w * rel[p] ** 2) / np.sum(w))))
-        return out
-
-    def _solve_detector(self, static_rhs=None) -> np.ndarray:
-        """d from this pass's normal equations N d = b, with its priors and the ring constraint.
-
-        ``static_rhs`` (P·m,): Σ w·h·I·ā·B_d, the change of b when the static
-        absorption ā (log, per pixel) of the fits is moved from a into d
-        (h → h·e^(−ā), so the targets I/h → I/h·e^ā, to first order in ā):
-        d is then the least-squares response for absorption surfaces without
-        a static part, and where a node has little data its priors hold it
-        (docs/merge.md, "a ↔ d").
-
-        Ring constraint: with a fixed detector and wavelength each pixel sees
-        one |s|, so a response that depends on |s| alone cannot be told from
-        the map's radial profile: it is left to the map (and to diffuse.correct's
-        multipliers). The mean of d over each |s| ring (information-weighted
-        over the nodes) is held at 1.
-        """
-        P, m = len(self.panel_shapes), self.n_d
-        N = self._dN.reshape(P, m, m)
-        b = self._db if static_rhs is None else self._db + static_rhs
-        b = b.reshape(P, m)
-        pen = _grid_penalty(self.detector.n_nodes)
-        # ring constraint: stiff penalty k·Σ_r (l_rᵀd − 1)², solved by Woodbury around the panel blocks
-        S = self._dS
-        cols = S.sum(axis=0)
-        L = S[:, cols > 0] / cols[cols > 0]
-        tr_all = float(np.trace(N, axis1=1, axis2=2).sum())
-        k = GAUGE_WEIGHT * tr_all / max(P * m, 1)
-        x = self.det.reshape(-1).copy()
-        Y = np.zeros_like(L)
-        solved = np.zeros(P * m, dtype=bool)
-        lifts = detector_floor(N, self.detector.n_nodes, DETECTOR_INFORMATION_FLOOR)
-        for p in range(P):
-            tr = np.trace(N[p])
-            if not tr > 0:
-                continue  # no data on this panel: keep
-            # nodes the data barely see (beyond d_min, a panel edge): held at 1 by the
-            # missing information, instead of extrapolated by the curvature prior
-            lift = lifts[p]
-            M = (N[p] + self.detector.smoothness * tr / np.trace(pen) * pen + RIDGE * tr / m * np.eye(m)
-                 + np.diag(lift))
-            blk = slice(p * m, (p + 1) * m)
-            rhs = b[p] + RIDGE * tr / m * self.det[p] + lift
-            sol = np.linalg.solve(M, np.column_stack([rhs, L[blk]]))
-            x[blk], Y[blk] = sol[:, 0], sol[:, 1:]
-            solved[blk] = True
-        if L.shape[1] and k > 0:
-            # (M + k L Lᵀ)⁻¹(b + k L 1) = x + Y z with z = (I/k + LᵀY)⁻¹ (1 − Lᵀx)
-            z = np.linalg.solve(np.eye(L.shape[1]) / k + L.T @ Y, np.ones(L.shape[1]) - L.T @ x)
-            x[solved] += (Y @ z)[solved]
-        return x.reshape(P, m)
 
     def offset_at(self, nodes: np.ndarray, d_star: np.ndarray) -> np.ndarray:
         """Piecewise-linear offset with node values ``nodes`` at d* (Å⁻¹)."""

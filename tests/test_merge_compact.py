@@ -9,6 +9,7 @@ import pytest
 
 from diffuse_cli import merge_accumulator as ma
 from diffuse_cli import merge_compact as mc
+from diffuse_cli.compact_map import CompactMergedMap
 from diffuse_cli.grid import HKLGrid
 from diffuse_cli.symmetry import LaueSymmetry, grid_asu_map
 
@@ -40,7 +41,7 @@ def _compact_map(symbol, cell, seed=0):
     values = {"I": I, "sigma": rng.uniform(0.5, 2, n), "counts": np.where(np.isfinite(I), rng.integers(1, 9, n), 0),
               "half_I": [(I + rng.normal(0, 1, n)).astype(np.float32) for _ in range(2)],
               "friedel_I": [(I + rng.normal(0, 1, n)).astype(np.float32) for _ in range(2)]}
-    return mc.CompactMergedMap(grid, laue, cell, 3.0, None, reps, values, centric=hand[reps] == 0)
+    return CompactMergedMap(grid, laue, cell, 3.0, None, reps, values, centric=hand[reps] == 0)
 
 
 @pytest.mark.parametrize("symbol,cell", CASES)
@@ -140,7 +141,7 @@ def test_grid_table_is_the_compact_index_of_grid_asu_map(symbol, cell):
 def test_radial_profile_blocks_equal_numpy_bincount_of_the_dense_map(symbol, cell):
     # the compiled pass against numpy on the dense map from grid_asu_map and grid_d_star,
     # bit for bit (the same d* arithmetic, the same summation order per block)
-    from diffuse_cli.merge_driver import map_blocks, radial_profile_blocks
+    from diffuse_cli.merged_blocks import map_blocks, radial_profile_blocks
     from diffuse_cli.merge_statistics import grid_d_star
 
     m = _compact_map(symbol, cell, seed=5)
@@ -227,7 +228,7 @@ def test_slab_tables_of_a_grid_too_big_to_keep_are_the_same(monkeypatch):
     m = _compact_map("P4", (20.0, 20.0, 30.0, 90, 90, 90))
     want = m.expand()
     table = mc.compact_tables(grid_asu_map(m.grid, m.laue, m.unit_cell, d_min=3.0))[1]
-    monkeypatch.setattr(mc.CompactMergedMap, "TABLE_MAX_BYTES", 1000)  # every slab made alone, none kept
+    monkeypatch.setattr(CompactMergedMap, "TABLE_MAX_BYTES", 1000)  # every slab made alone, none kept
     big = _compact_map("P4", (20.0, 20.0, 30.0, 90, 90, 90))
     plane = big.grid.shape[1] * big.grid.shape[2]
     np.testing.assert_array_equal(big.slab_table(3, 6), table[3 * plane:6 * plane])
@@ -236,10 +237,10 @@ def test_slab_tables_of_a_grid_too_big_to_keep_are_the_same(monkeypatch):
     assert big._table is None
     # slabs of SLAB_VOXELS: one table serves the consecutive blocks inside it, a block across
     # its end gets a new one from there
-    monkeypatch.setattr(mc.CompactMergedMap, "SLAB_VOXELS", 4 * plane)
+    monkeypatch.setattr(CompactMergedMap, "SLAB_VOXELS", 4 * plane)
     made = []
-    scatter = mc.CompactMergedMap._scatter_table
-    monkeypatch.setattr(mc.CompactMergedMap, "_scatter_table",
+    scatter = CompactMergedMap._scatter_table
+    monkeypatch.setattr(CompactMergedMap, "_scatter_table",
                         lambda self, a, b: made.append((a, b)) or scatter(self, a, b))
     big.release_tables()
     for step, first in ((2, [(0, 4), (4, 8), (8, 12)]), (3, [(0, 4), (3, 7), (6, 10)])):

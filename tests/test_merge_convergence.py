@@ -1,5 +1,5 @@
 """Convergence of diffuse.merge's scaling passes on weakly coupled groups of stills
-(merging.PassAcceleration; docs/merge.md, "Acceleration"), against simulated stills
+(merge_passes.PassAcceleration; docs/merge.md, "Acceleration"), against simulated stills
 with known scales: K tight clusters of stills (one orientation each, 0.3° rms jitter),
 whose Ewald slices overlap little between clusters, as in the XFEL benchmark."""
 
@@ -113,7 +113,7 @@ def test_anderson_step_is_gmres_on_a_linear_iteration():
     exact arithmetic, and Anderson type II with the whole history is GMRES: Walker & Ni 2011),
     the passes reach the fixed point to rounding in 1 + 3 steps; the plain ones need
     log(1e-10)/log(0.8) ≈ 103."""
-    from diffuse_cli.merging import PassAcceleration
+    from diffuse_cli.merge_passes import PassAcceleration
 
     rng = np.random.default_rng(0)
     n = 30

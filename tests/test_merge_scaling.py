@@ -179,7 +179,7 @@ def test_inverse_variance_mean_by_hand():
 
 
 def test_array_source_matches_list_source(setup):
-    from diffuse_cli.merging import ArraySource
+    from diffuse_cli.still_sources import ArraySource
 
     grid, laue, truth = setup
     stills = make_stills(truth, grid, UC, 6, seed=2)

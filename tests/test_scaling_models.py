@@ -282,7 +282,7 @@ def test_three_stills_converge_to_their_scales(no_absorption):
 #
 # Where the reference is (nearly) a function of |s| alone, g·(I_ref + c) = g'·(I_ref + c') for a
 # whole family of (g, c): the split between scale and offset is not fixed by the data.
-# scaling_terms.offset_prior puts a zero-mean prior on exactly the offset modes that keep less than
+# scaling_priors.offset_prior puts a zero-mean prior on exactly the offset modes that keep less than
 # OFFSET_INFORMATION_FLOOR of their information once g (and a) are free (docs/merge.md).
 
 def _radial_still(contrast, seed=3, n=4000, n_c=4, s_max=0.5):
@@ -311,7 +311,8 @@ def _generalised_eigenvalues(M, blk, M_ref=None):
 
 
 def test_offset_prior_lifts_only_the_modes_the_scale_can_mimic():
-    from diffuse_cli.scaling_terms import OFFSET_INFORMATION_FLOOR, offset_prior
+    from diffuse_cli.scaling_priors import offset_prior
+    from diffuse_cli.scaling_terms import OFFSET_INFORMATION_FLOOR
 
     blk = slice(1, 5)
     for contrast, n_lifted in ((0.0, 1), (0.5, 0)):
@@ -365,14 +366,14 @@ def test_scale_offset_split_on_a_radial_map_is_identifiable(monkeypatch, floor):
 #
 # A detector node whose support the data barely cover (beyond d_min, a panel edge) is not fixed by the
 # data; the curvature prior extrapolated it from its neighbours, and on the 5-frame nuclease sweep that
-# edge flipped by ±2 % every pass. scaling_terms.detector_floor holds such nodes at 1 with a prior that
+# edge flipped by ±2 % every pass. scaling_priors.detector_floor holds such nodes at 1 with a prior that
 # makes up their missing information (docs/merge.md, "d ↔ nothing").
 
 def _detector_solve(monkeypatch, floor, first_row=20):
     """d solved from one still of noise-free data d_true·h on the two panels, no pixels with slow < first_row."""
-    import diffuse_cli.scaling_terms as scaling_terms
+    import diffuse_cli.detector_response as detector_response
 
-    monkeypatch.setattr(scaling_terms, "DETECTOR_INFORMATION_FLOOR", floor)
+    monkeypatch.setattr(detector_response, "DETECTOR_INFORMATION_FLOOR", floor)
     lab, panel, fast, slow = _detector()
     keep = slow >= first_row
     lab, panel, fast, slow = lab[keep], panel[keep], fast[keep], slow[keep]
@@ -392,7 +393,7 @@ def _detector_solve(monkeypatch, floor, first_row=20):
 
 
 def test_detector_floor_lifts_only_nodes_without_data(monkeypatch):
-    from diffuse_cli.scaling_terms import detector_floor
+    from diffuse_cli.scaling_priors import detector_floor
 
     for first_row, lifted_rows in ((0, ()), (20, (0,))):
         _, N = _detector_solve(monkeypatch, 0.1, first_row)

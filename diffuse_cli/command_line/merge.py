@@ -44,7 +44,8 @@ from diffuse_cli import dials_compat
 dials_compat.defer_imports()  # before DIALS is imported: sklearn and pandas only when used
 
 from diffuse_cli import merge_driver, program  # noqa: E402
-from diffuse_cli.merge_driver import _bragg_peaks_masked, merge, scaling_model  # noqa: F401,E402
+from diffuse_cli.absolute_scale_plan import _bragg_peaks_masked  # noqa: F401,E402
+from diffuse_cli.merge_driver import merge, scaling_model  # noqa: F401,E402
 from diffuse_cli.merge_inputs import _half_blocks, _warn_spreads, corrected_files, reference_model  # noqa: F401,E402
 
 logger = logging.getLogger("diffuse.merge")

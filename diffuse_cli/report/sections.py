@@ -4,14 +4,14 @@ A section is a list of blocks (dicts with ``kind``): ``table`` (headers,
 rows), ``plot`` (a plotly figure as a plain dict: ``data``, ``layout``),
 ``image`` (a PNG as a data URI), ``pre`` (text), ``note`` (one line). Every
 figure's axes carry titles with units. Reciprocal-space axes are d* = 1/d in
-Å⁻¹ (no 2π), as everywhere in the suite (docs/conventions.md).
+Å⁻¹ (no 2π), as everywhere in the suite (docs/conventions.md). The blocks are
+made in :mod:`diffuse_cli.report.blocks`; the azimuthal_fit and analysis sections are
+in :mod:`diffuse_cli.report.analysis_sections`.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import dataclasses
 import glob
 import json
 import logging
@@ -20,153 +20,15 @@ import os
 
 import numpy as np
 
-from diffuse_cli.report.gather import ANALYSIS_PROGRAMS, Run, phil_value
+from diffuse_cli.report.analysis_sections import _read_csv, analysis_section, azimuthal_section
+from diffuse_cli.report.blocks import (INTENSITY_UNITS, TITLES, Section, _float, _fmt, _json, _not_run, _pictures,
+                                       _stats, image, line, note, plot, pre, table)
+from diffuse_cli.report.gather import ANALYSIS_PROGRAMS, Run
 
 logger = logging.getLogger("diffuse.report")
 
-#: steps -> section titles
-TITLES = {
-    "overview": "Overview",
-    "inputs": "Inputs and parameters",
-    "simulate": "simulate",
-    "stills_process": "stills_process: spot finding, indexing, integration",
-    "bragg_mask": "bragg_mask: pixel masks",
-    "extract_correct": "extract / correct: usable pixels and corrections",
-    "merge": "merge: map, scaling, statistics, absolute scale",
-    "azimuthal_fit": "azimuthal_fit: profiles and fits",
-    "analysis": "analysis programs",
-}
 PROGRAM_ORDER = ("simulate", "stills_process", "bragg_mask", "extract", "correct", "merge", "azimuthal_fit",
                  *ANALYSIS_PROGRAMS, "export")
-INTENSITY_UNITS = "photons/µsr/s"
-
-
-@dataclasses.dataclass
-class Section:
-    key: str
-    title: str
-    status: str  # "run" or "not run"
-    folders: list
-    blocks: list
-
-    @property
-    def run(self) -> bool:
-        return self.status == "run"
-
-
-# ------------------------------------------------------------------ blocks
-
-
-def _clean(x):
-    """JSON-safe values: NaN/inf -> None, numpy -> Python."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
-def plot(title: str, traces: list, x_title: str, y_title: str, y2_title: str | None = None, **layout) -> dict:
-    """A plotly figure block; ``x_title``/``y_title`` must name the unit."""
-    lay = {
-        "title": {"text": title},
-        "xaxis": {"title": {"text": x_title}},
-        "yaxis": {"title": {"text": y_title}},
-        "margin": {"l": 70, "r": 30 if y2_title is None else 70, "t": 50, "b": 60},
-        "height": 380,
-        "legend": {"orientation": "h", "y": -0.25},
-    }
-    if y2_title is not None:
-        lay["yaxis2"] = {"title": {"text": y2_title}, "overlaying": "y", "side": "right"}
-    lay.update(layout)
-    return {"kind": "plot", "title": title, "figure": _clean({"data": traces, "layout": lay})}
-
-
-def line(x, y, name: str, mode: str = "lines+markers", **kw) -> dict:
-    return {"type": "scatter", "x": list(np.asarray(x).tolist()), "y": list(np.asarray(y, dtype=float).tolist()),
-            "name": name, "mode": mode, **kw}
-
-
-def table(headers, rows, title: str | None = None) -> dict:
-    return {"kind": "table", "title": title, "headers": list(headers), "rows": [[_fmt(v) for v in r] for r in rows]}
-
-
-def note(text: str) -> dict:
-    return {"kind": "note", "text": text}
-
-
-def pre(text: str, title: str | None = None, collapsed: bool = False) -> dict:
-    return {"kind": "pre", "title": title, "text": text, "collapsed": collapsed}
-
-
-def image(path: str, title: str | None = None, max_kb: float = 2000) -> dict:
-    """A PNG embedded as base64 (a note instead when larger than ``max_kb``)."""
-    size = os.path.getsize(path)
-    if max_kb < 0:
-        return note(f"{path}: picture not embedded (embed_images=False)")
-    if size > max_kb * 1024:
-        return note(f"{path}: {size / 1024:.0f} kB picture not embedded (larger than max_image_kb={max_kb:g})")
-    with open(path, "rb") as fh:
-        uri = "data:image/png;base64," + base64.b64encode(fh.read()).decode("ascii")
-    return {"kind": "image", "title": title or os.path.basename(path), "uri": uri, "path": path}
-
-
-def _fmt(v):
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        if not math.isfinite(v):
-            return "–" if math.isnan(v) else ("∞" if v > 0 else "−∞")
-        if v == 0:
-            return "0"
-        if abs(v) >= 1e5 or abs(v) < 1e-3:
-            return f"{v:.3e}"
-        return f"{v:.4g}"
-    if v is None:
-        return "–"
-    return str(v)
-
-
-def _json(path):
-    with open(path) as fh:
-        return json.load(fh)
-
-
-def _float(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _stats(values) -> tuple:
-    """(min, median, max) of the finite values, NaNs when none."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return (float("nan"),) * 3
-    return float(v.min()), float(np.median(v)), float(v.max())
-
-
-def _pictures(folder: str, shown: set, max_kb: float, title: str = "More pictures in this folder") -> list:
-    """The PNGs of ``folder`` (and its subfolders) not shown yet, embedded."""
-    paths = sorted(set(glob.glob(os.path.join(folder, "*.png")) + glob.glob(os.path.join(folder, "*", "*.png"))))
-    rest = [p for p in paths if os.path.abspath(p) not in shown]
-    if not rest:
-        return []
-    blocks = [{"kind": "heading", "text": title}]
-    for p in rest:
-        shown.add(os.path.abspath(p))
-        blocks.append(image(p, os.path.relpath(p, folder), max_kb))
-    return blocks
 
 
 # ------------------------------------------------------------------ sections
@@ -217,10 +79,6 @@ def simulate_section(run: Run, max_kb: float) -> Section:
     if truth.get("parameters_phil"):
         blocks.append(pre(truth["parameters_phil"], "diffuse.simulate: all parameters (truth.json)", collapsed=True))
     return Section("simulate", TITLES["simulate"], "run", [folder], blocks)
-
-
-def _not_run(key: str, why: str = "") -> Section:
-    return Section(key, TITLES[key], "not run", [], [note("not run" + (f": {why}" if why else ""))])
 
 
 def _stills_rows(folder: str) -> list:
@@ -558,114 +416,6 @@ def merge_section(run: Run, max_kb: float) -> Section:
             blocks.append(image(p, os.path.basename(p), max_kb))
     blocks += _pictures(folder, shown, max_kb)
     return Section("merge", TITLES["merge"], "run", [folder], blocks)
-
-
-def _fit_curve(row: dict, x: np.ndarray, pair: bool):
-    from diffuse_cli import profile_shapes as ps
-
-    g = lambda k: _float(row.get(k))  # noqa: E731
-    model = row.get("model")
-    if model == "maier_saupe":
-        return ps.maier_saupe(x, g("height"), g("centre"), g("m"), g("b0"))
-    if model == "pseudo_voigt" and row.get("profile", "").startswith("azimuthal"):
-        return ps.pseudo_voigt_azimuthal(x, g("height"), g("centre"), g("fwhm"), g("eta"), g("b0"), pair=pair)
-    if model == "pseudo_voigt":
-        return ps.pseudo_voigt_linear(x, g("height"), g("centre"), g("fwhm"), g("eta"), g("b0"), g("b1"))
-    return None
-
-
-def _errors(sigma) -> dict:
-    return {"type": "data", "array": np.asarray(sigma, dtype=float).tolist(), "visible": True}
-
-
-def _read_csv(path: str) -> list:
-    """Rows of a CSV file; [] when the step did not write it (e.g. azimuthal_fit without fits)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def azimuthal_section(run: Run, max_kb: float) -> Section:
-    folder = run.folder("azimuthal_fit")
-    if folder is None:
-        return _not_run("azimuthal_fit")
-    log = run.logs.get("azimuthal_fit")
-    pair = str(phil_value(log.modified, "fit.pair") if log else "True") != "False"
-    fits = _read_csv(os.path.join(folder, "fits.csv"))
-    cols = ["image", "profile", "model", "success", "r_squared", "centre", "fwhm", "S", "S_error", "S_data",
-            "S_data_error", "significant", "corrections"]
-    blocks = [table(cols, [[r.get(c) if c in ("image", "profile", "model", "success", "significant", "corrections")
-                            else _float(r.get(c)) for c in cols] for r in fits[:200]],
-                    "Fits (fits.csv; centre, FWHM in Å⁻¹ = 2π/d for radial, degrees for azimuthal)")
-              if fits else note("No fits were asked for (q=, d=, d_star=, hkl= or fit.radial_range=): "
-                                "profiles only.")]
-    shown: set = set()
-    for path in sorted(glob.glob(os.path.join(folder, "profiles", "*.csv")))[:20]:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        rows = _read_csv(path)
-        if not rows:
-            continue
-        image_stem, _, profile = stem.partition("_radial") if "_radial" in stem else stem.partition("_azimuthal")
-        profile = ("radial" + profile) if "_radial" in stem else ("azimuthal" + profile)
-        y = np.array([_float(r.get("I")) for r in rows])
-        s = np.array([_float(r.get("sigma")) for r in rows])
-        mine = [f for f in fits if f.get("profile") == profile and os.path.splitext(f.get("image", ""))[0] == image_stem
-                and str(f.get("success")).lower() == "true"]
-        if "chi_deg" in rows[0]:
-            x = np.array([_float(r["chi_deg"]) for r in rows])
-            traces = [line(x, y, "I(χ)", mode="markers", error_y=_errors(s))]
-            xf = np.linspace(-180, 180, 361)
-            xlab, xplot = "χ, azimuth on the detector (degrees)", xf
-        else:
-            q = np.array([_float(r["q_inv_angstrom"]) for r in rows])
-            x = q / (2 * np.pi)  # d* = 1/d
-            traces = [line(x, y, "I(d*)", mode="markers", error_y=_errors(s))]
-            xf = np.linspace(np.nanmin(q), np.nanmax(q), 400)
-            xlab, xplot = "d* = 1/d (Å⁻¹)", xf / (2 * np.pi)
-        for f in mine:
-            curve = _fit_curve(f, xf, pair)
-            if curve is not None:
-                label = f"{f.get('model')} fit (S = {_fmt(_float(f.get('S')))})"
-                traces.append(line(xplot, curve, label, mode="lines"))
-        corr = (mine[0].get("corrections") if mine else None) or ""
-        units = ("map units, as merged.npz" if corr == "merged"
-                 else INTENSITY_UNITS if corr not in ("", "none") else "counts per pixel")
-        blocks.append(plot(f"{image_stem}: {profile}", traces, xlab, f"I ({units})"))
-    for sub in ("plots", "maps"):
-        for p in sorted(glob.glob(os.path.join(folder, sub, "*.png")))[:12]:
-            shown.add(os.path.abspath(p))
-            blocks.append(image(p, f"{sub}/{os.path.basename(p)}", max_kb))
-    blocks += _pictures(folder, shown, max_kb)
-    return Section("azimuthal_fit", TITLES["azimuthal_fit"], "run", [folder], blocks)
-
-
-def analysis_section(run: Run, max_kb: float) -> Section:
-    folders = run.folders.get("analysis") or []
-    if not folders:
-        return _not_run("analysis", "no output of diffuse.anisotropic, diffuse.pdf or diffuse.model found")
-    blocks = []
-    shown: set = set()
-    for folder in folders:
-        blocks.append({"kind": "heading", "text": folder})
-        for path in sorted(glob.glob(os.path.join(folder, "*.json")))[:20]:
-            try:
-                text = json.dumps(_json(path), indent=2, default=str)
-            except (OSError, ValueError) as e:
-                text = f"(not readable as JSON: {e})"
-            if len(text) > 6000:
-                text = text[:6000] + f"\n... ({len(text) - 6000} more characters in {path})"
-            blocks.append(pre(text, os.path.basename(path), collapsed=len(text) > 1500))
-        for path in sorted(glob.glob(os.path.join(folder, "*.csv")))[:10]:
-            with open(path, errors="replace") as fh:
-                head = "".join(fh.readline() for _ in range(30))
-            blocks.append(pre(head, f"{os.path.basename(path)} (first lines)", collapsed=True))
-        others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*"))
-                        if os.path.isfile(p) and not p.endswith((".png", ".json", ".csv")))
-        if others:
-            blocks.append(note("Other files: " + ", ".join(others[:40])))
-        blocks += _pictures(folder, shown, max_kb, title="Pictures")
-    return Section("analysis", TITLES["analysis"], "run", folders, blocks)
 
 
 def overview_section(run: Run) -> Section:
