@@ -343,9 +343,18 @@ def _floor_weighted(ref: np.ndarray, voxels: tuple, g: float, typical: float, n_
     return 1e-3 * float(med)
 
 
+#: per-voxel scratch arrays larger than this are not kept between fits
+ZEROS_KEEP_BYTES = 32 << 20
+
+
 def _zeros(name: str, n: int, dtype) -> np.ndarray:
     """A zero-filled scratch array of length n, reused between stills and passes: its user
-    zeroes again what it wrote (_own_prepared); freed by _SCRATCH.clear()."""
+    zeroes again what it wrote (_own_prepared); freed by _SCRATCH.clear(). Above
+    ZEROS_KEEP_BYTES a fresh one each time: kept, every still's voxels would stay resident
+    (3 arrays of 134 MB for a 16.8 M-voxel compact map, +0.3 GB of peak RSS), while a fresh
+    np.zeros maps only the pages the still touches."""
+    if n * np.dtype(dtype).itemsize > ZEROS_KEEP_BYTES:
+        return np.zeros(max(n, 1), dtype=dtype)[:n]
     key = ("zeros", name)
     buf = _SCRATCH.get(key)
     if buf is None or buf.size < n:

@@ -177,11 +177,10 @@ def shell_statistics(merged: MergedMap, unit_cell, n_shells: int = 10,
         pair = np.isfinite(fp) & np.isfinite(fm)
 
     # each shell's voxels (indices, increasing): a shell's selections then cost its own size;
-    # the same elements in the same order as the boolean masks, so the same sums
-    order = np.argsort(shell, kind="stable").astype(np.int32 if len(shell) < 2**31 else np.int64)
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(shell, minlength=n_shells))])
-    members = [order[bounds[k]:bounds[k + 1]] for k in range(n_shells)]
-    del order
+    # the same elements in the same order as the boolean masks, so the same sums. One shell
+    # at a time and in int32: an argsort of the whole map would hold 8 bytes per voxel twice
+    index_type = np.int32 if len(shell) < 2**31 else np.int64
+    members = [np.flatnonzero(shell == k).astype(index_type) for k in range(n_shells)]
 
     def row(shells, d_lo, d_hi):
         # the row's voxels are those of ``shells``, taken one shell at a time (no copies of the whole map)
